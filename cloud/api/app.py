@@ -1,0 +1,52 @@
+"""App factory. The lifespan loads the models in a background thread, so /health answers at
+once and /ready turns 200 when the pipeline is up."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI
+
+from pice.cloud.api import chat, ops, progressive
+from pice.cloud.api.errors import install_error_handlers
+from pice.cloud.metrics import Metrics
+from pice.cloud.pipeline import Pipeline
+from pice.cloud.runtime import build_pipeline
+from pice.shared.config import ServeSettings
+
+log = logging.getLogger(__name__)
+
+Builder = Callable[[ServeSettings, Metrics], Pipeline]
+
+
+def create_app(settings: ServeSettings | None = None, builder: Builder = build_pipeline) -> FastAPI:
+    settings = settings or ServeSettings()
+    metrics = Metrics()
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        async def load() -> None:
+            try:
+                app.state.pipeline = await asyncio.to_thread(builder, settings, metrics)
+                log.info("pice ready: cloud=%s edges=%s", settings.cloud_model,
+                         settings.edge_models)
+            except Exception as exc:
+                log.exception("model loading failed")
+                app.state.load_error = f"model loading failed: {exc}"
+
+        task = asyncio.create_task(load())
+        yield
+        task.cancel()
+
+    app = FastAPI(title="pice", version="0.1.0", lifespan=lifespan)
+    app.state.settings = settings
+    app.state.metrics = metrics
+    app.state.pipeline = None
+    app.state.load_error = None
+    install_error_handlers(app, lambda status: metrics.errors.labels(str(status)).inc())
+    for router in (chat.router, progressive.router, ops.router):
+        app.include_router(router)
+    return app

@@ -1,0 +1,71 @@
+"""`pice ask`: one question, printed as it arrives (sketch first, then each section)."""
+
+from __future__ import annotations
+
+import json
+import sys
+from typing import Any
+
+import httpx
+from httpx_sse import aconnect_sse
+
+from pice.cloud.api.progressive import _answer_request
+from pice.cloud.api.schemas import ProgressiveRequest
+from pice.cloud.events import DeltaEvent, DoneEvent, SectionEvent, SketchEvent
+from pice.cloud.metrics import Metrics
+from pice.cloud.runtime import build_pipeline
+from pice.shared.config import ServeSettings
+
+
+def _print(kind: str, data: dict[str, Any]) -> None:
+    out = sys.stdout
+    if kind == "sketch":
+        out.write("Sketch:\n" + "".join(f"  {i + 1}. {p}\n" for i, p in
+                                        enumerate(data["points"])) + "\nAnswer:\n")
+    elif kind == "section":
+        out.write(f"{data['index'] + 1}. {data['text']}\n")
+    elif kind == "delta":
+        out.write(data["text"])
+    elif kind == "done":
+        t = data["timings"]
+        tok = data["tokens"]
+        out.write(f"\n[{data['mode']}: {data['reason']}; total {t['total']:.1f}s, "
+                  f"first text {t['ttft']:.1f}s; cloud {tok['cloud']} tokens, "
+                  f"edge {tok['edge']} tokens]\n")
+    elif kind == "error":
+        out.write(f"\nerror: {data['error']['message']}\n")
+    out.flush()
+
+
+async def ask_local(settings: ServeSettings, body: dict[str, Any]) -> int:
+    req = _answer_request(ProgressiveRequest(**{k: v for k, v in body.items() if v is not None}),
+                          settings.default_max_tokens)
+    pipeline = build_pipeline(settings, Metrics())
+    pipeline.validate(req)
+    async for ev in pipeline.run(req):
+        if isinstance(ev, SketchEvent):
+            _print("sketch", {"points": ev.points})
+        elif isinstance(ev, SectionEvent):
+            _print("section", {"index": ev.index, "text": ev.text})
+        elif isinstance(ev, DeltaEvent):
+            _print("delta", {"text": ev.text})
+        elif isinstance(ev, DoneEvent):
+            _print("done", {"mode": ev.mode, "reason": ev.reason, "timings": ev.timings,
+                            "tokens": ev.tokens})
+    return 0
+
+
+async def ask_remote(url: str, body: dict[str, Any]) -> int:
+    payload = {k: v for k, v in body.items() if v is not None}
+    async with httpx.AsyncClient(base_url=url, timeout=httpx.Timeout(10, read=900)) as client:
+        async with aconnect_sse(client, "POST", "/v1/progressive", json=payload) as source:
+            if source.response.status_code != 200:
+                await source.response.aread()
+                print(f"error {source.response.status_code}: {source.response.text}",
+                      file=sys.stderr)
+                return 1
+            async for sse in source.aiter_sse():
+                _print(sse.event, json.loads(sse.data))
+                if sse.event == "error":
+                    return 1
+    return 0

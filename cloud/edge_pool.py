@@ -1,0 +1,30 @@
+"""The cloud's view of its edge workers: which are up, and which one takes a batch. In-process
+for now; the edge-agent transport plugs in behind the same `dispatch`."""
+
+from __future__ import annotations
+
+import asyncio
+
+from pice.edge.expander import EdgeWorker
+from pice.shared.protocol import ExpansionResult, ExpansionTask
+
+
+class EdgePool:
+    def __init__(self, workers: list[EdgeWorker]) -> None:
+        self.workers = workers
+
+    @property
+    def available(self) -> int:
+        return len(self.workers)
+
+    def pick(self) -> EdgeWorker:
+        """Least-loaded worker; ties go to the first listed."""
+        assert self.workers, "dispatch with no edge worker"
+        return min(self.workers, key=lambda w: w.inflight)
+
+    async def dispatch(self, tasks: list[ExpansionTask]) -> list[ExpansionResult]:
+        """All points of one answer go to one worker as one batch (the batch is the unit of
+        semantic-level parallelism); results come back in point order."""
+        worker = self.pick()
+        results = await asyncio.to_thread(worker.expand, tasks)
+        return sorted(results, key=lambda r: r.index)

@@ -1,0 +1,162 @@
+"""One request, end to end: the scheduler decides, then either the cloud model answers in full,
+or it sketches and the edge pool expands every point in one batch. Yields events as they happen."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+
+from pice.cloud.aggregator import aggregate
+from pice.cloud.edge_pool import EdgePool
+from pice.cloud.events import DeltaEvent, DoneEvent, Event, SectionEvent, SketchEvent
+from pice.cloud.metrics import Metrics
+from pice.cloud.sketcher import parse_sketch, sketch_messages
+from pice.scheduler.policy import Decision, PolicyConfig, QueryFeatures, decide
+from pice.shared.aio import iterate_in_thread
+from pice.shared.backend import Message
+from pice.shared.hf_backend import HFGenerator
+from pice.shared.protocol import ExpansionTask
+from pice.shared.sampling import SamplingParams
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class AnswerRequest:
+    request_id: str
+    messages: list[Message]
+    max_tokens: int
+    mode: str = "auto"
+    max_points: int | None = None
+    temperature: float = 0.0
+    top_p: float = 1.0
+    seed: int | None = None
+    stop: tuple[str, ...] = ()
+    endpoint: str = "chat"
+
+
+@dataclass
+class _Clock:
+    start: float = field(default_factory=time.perf_counter)
+    marks: dict[str, float] = field(default_factory=dict)
+
+    def since(self, t0: float) -> float:
+        return time.perf_counter() - t0
+
+    def first_output(self) -> None:
+        self.marks.setdefault("ttft", self.since(self.start))
+
+
+class Pipeline:
+    def __init__(self, cloud: HFGenerator, edges: EdgePool, policy: PolicyConfig,
+                 metrics: Metrics) -> None:
+        self.cloud = cloud
+        self.edges = edges
+        self.policy = policy
+        self.metrics = metrics
+
+    def validate(self, req: AnswerRequest) -> None:
+        """Admission: raise a 4xx error now rather than inside a stream."""
+        prompt = self.cloud.render_chat(req.messages)
+        self.cloud.check_fits(self.cloud.count_tokens(prompt), req.max_tokens)
+        SamplingParams(max_tokens=req.max_tokens, temperature=req.temperature, top_p=req.top_p)
+
+    async def run(self, req: AnswerRequest) -> AsyncIterator[Event]:
+        question = next(m["content"] for m in reversed(req.messages) if m["role"] == "user")
+        decision = decide(QueryFeatures(question, req.mode, req.max_tokens, req.max_points,
+                                        self.edges.available), self.policy)
+        clock = _Clock()
+        if decision.mode == "progressive":
+            async for ev in self._progressive(req, question, decision, clock):
+                yield ev
+        else:
+            async for ev in self._cloud(req, decision.reason, clock):
+                yield ev
+
+    async def _cloud(self, req: AnswerRequest, reason: str, clock: _Clock,
+                     sketch_timings: dict[str, float] | None = None,
+                     sketch_tokens: int = 0) -> AsyncIterator[Event]:
+        prompt = self.cloud.render_chat(req.messages)
+        params = SamplingParams(max_tokens=req.max_tokens, temperature=req.temperature,
+                                top_p=req.top_p, seed=req.seed, stop=req.stop)
+        t0 = time.perf_counter()
+        pieces: list[str] = []
+        async for delta in iterate_in_thread(self.cloud.stream(prompt, params)):
+            clock.first_output()
+            pieces.append(delta)
+            yield DeltaEvent(delta)
+        text = "".join(pieces)
+        cloud_s = clock.since(t0)
+        out_tokens = self.cloud.count_tokens(text)
+        timings = {**(sketch_timings or {}), "cloud": cloud_s, "total": clock.since(clock.start),
+                   "ttft": clock.marks.get("ttft", clock.since(clock.start))}
+        self._observe("cloud", req.endpoint, timings, cloud_tokens=out_tokens + sketch_tokens)
+        yield DoneEvent(
+            text=text, mode="cloud", reason=reason, sketch=[], timings=timings,
+            tokens={"prompt": self.cloud.count_tokens(prompt),
+                    "cloud": out_tokens + sketch_tokens, "edge": 0},
+            finish_reason="length" if out_tokens >= req.max_tokens else "stop",
+        )
+
+    async def _progressive(self, req: AnswerRequest, question: str, decision: Decision,
+                           clock: _Clock) -> AsyncIterator[Event]:
+        history = [m for m in req.messages[:-1] if m["role"] != "system"]
+        prompt = self.cloud.render_chat(sketch_messages(question, decision.max_points,
+                                                        decision.words_per_point, history))
+        t0 = time.perf_counter()
+        [out] = await asyncio.to_thread(self.cloud.generate, [prompt], SamplingParams(
+            max_tokens=decision.sketch_tokens, temperature=0.0))
+        points = parse_sketch(out.text, decision.max_points, decision.words_per_point)
+        sketch_s = clock.since(t0)
+        if not points:
+            log.info("request %s: no usable sketch in %r; answering in full", req.request_id,
+                     out.text[:200])
+            self.metrics.fallbacks.labels("no usable sketch").inc()
+            async for ev in self._cloud(req, "fallback: no usable sketch", clock,
+                                        {"sketch": sketch_s}, out.completion_tokens):
+                yield ev
+            return
+        yield SketchEvent(points)
+        tasks = [ExpansionTask(request_id=req.request_id, question=question, sketch=points,
+                               index=i, max_tokens=decision.point_tokens,
+                               temperature=req.temperature, seed=req.seed)
+                 for i in range(len(points))]
+        t1 = time.perf_counter()
+        try:
+            results = await self.edges.dispatch(tasks)
+        except Exception:  # a failed edge never loses the request: the cloud answers it
+            log.exception("request %s: edge expansion failed; answering in full", req.request_id)
+            self.metrics.fallbacks.labels("edge failure").inc()
+            async for ev in self._cloud(req, "fallback: edge failure", clock,
+                                        {"sketch": sketch_s}, out.completion_tokens):
+                yield ev
+            return
+        expansion_s = clock.since(t1)
+        sections = [SectionEvent(r.index, r.text, r.worker, r.mean_logprob, r.tokens)
+                    for r in results]
+        for s in sections:
+            clock.first_output()
+            yield s
+        edge_tokens = sum(r.tokens for r in results)
+        timings = {"sketch": sketch_s, "expansion": expansion_s, "total": clock.since(clock.start),
+                   "ttft": clock.marks["ttft"]}
+        self._observe("progressive", req.endpoint, timings, out.completion_tokens, edge_tokens)
+        yield DoneEvent(
+            text=aggregate(points, results), mode="progressive", reason=decision.reason,
+            sketch=points, timings=timings,
+            tokens={"prompt": out.prompt_tokens, "cloud": out.completion_tokens,
+                    "edge": edge_tokens},
+            finish_reason="stop", sections=sections,
+        )
+
+    def _observe(self, mode: str, endpoint: str, timings: dict[str, float], cloud_tokens: int,
+                 edge_tokens: int = 0) -> None:
+        self.metrics.requests.labels(mode, endpoint).inc()
+        for stage, seconds in timings.items():
+            self.metrics.stage_seconds.labels(stage).observe(seconds)
+        self.metrics.tokens.labels("cloud").inc(cloud_tokens)
+        self.metrics.tokens.labels("edge").inc(edge_tokens)
+

@@ -1,0 +1,46 @@
+"""Build the embedded runtime from settings: resolve and load the models, start edge workers."""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+
+from pice.cloud.edge_pool import EdgePool
+from pice.cloud.metrics import Metrics
+from pice.cloud.pipeline import Pipeline
+from pice.edge.expander import EdgeWorker
+from pice.scheduler.policy import PolicyConfig
+from pice.shared.config import ServeSettings
+from pice.shared.hf_backend import HFGenerator
+from pice.shared.models import resolve_model
+
+log = logging.getLogger(__name__)
+
+
+def set_threads(threads: int) -> None:
+    if threads > 0:
+        torch.set_num_threads(threads)
+
+
+def load_generator(spec: str, settings: ServeSettings, progress: bool = True) -> HFGenerator:
+    resolved = resolve_model(spec, settings.cache_dir, progress=progress)
+    log.info("loading %s from %s (%s)", spec, resolved.path, resolved.source)
+    return HFGenerator(resolved.path, name=spec, max_context=settings.max_context)
+
+
+def build_pipeline(settings: ServeSettings, metrics: Metrics, progress: bool = True) -> Pipeline:
+    set_threads(settings.threads)
+    loaded: dict[str, HFGenerator] = {}
+
+    def get(spec: str) -> HFGenerator:
+        if spec not in loaded:  # one copy per distinct model, shared by cloud and edge
+            loaded[spec] = load_generator(spec, settings, progress)
+        return loaded[spec]
+
+    cloud = get(settings.cloud_model)
+    workers = [EdgeWorker(f"edge-{i}", get(spec)) for i, spec in enumerate(settings.edge_models)]
+    policy = PolicyConfig(default_max_points=settings.default_max_points,
+                          words_per_point=settings.words_per_point,
+                          point_tokens=settings.point_tokens)
+    return Pipeline(cloud, EdgePool(workers), policy, metrics)

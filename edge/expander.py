@@ -1,0 +1,82 @@
+"""Point expansion on an edge worker: every point of a sketch becomes one prompt, and the prompts
+of one answer run as ONE batched generation (semantic-level parallelism)."""
+
+from __future__ import annotations
+
+import re
+import time
+
+from pice.shared.backend import TextGenerator
+from pice.shared.protocol import ExpansionResult, ExpansionTask
+from pice.shared.sampling import SamplingParams
+
+_SYSTEM = ("You are helping write an answer whose outline is already fixed. You write the text "
+           "of exactly one point of the outline: one or two informative sentences that continue "
+           "that point and only that point.")
+
+
+def expansion_messages(task: ExpansionTask) -> list[dict[str, str]]:
+    """The shared part (question + whole outline) comes first so that every point's prompt has
+    the same prefix; only the last line differs between the points of one answer."""
+    outline = "\n".join(f"{i + 1}. {p}" for i, p in enumerate(task.sketch))
+    point = task.sketch[task.index]
+    return [
+        {"role": "system", "content": _SYSTEM},
+        {"role": "user", "content": (
+            f"Question: {task.question}\n\nOutline:\n{outline}\n\n"
+            f"Write point {task.index + 1} (\"{point}\") in one or two sentences. "
+            "Do not write any other point."
+        )},
+    ]
+
+
+def assistant_prefix(task: ExpansionTask) -> str:
+    """The reply starts with the point itself, so the model continues it rather than restarting
+    the outline."""
+    return f"{task.sketch[task.index]}: "
+
+
+_NEXT_POINT = re.compile(r"\n\s*(?:\d{1,2}[.)]|[-*•])\s")
+
+
+def clean_expansion(text: str) -> str:
+    """Keep the first paragraph, and cut where the model starts the next outline point."""
+    text = _NEXT_POINT.split(text, maxsplit=1)[0]
+    text = text.strip().split("\n\n", 1)[0].strip()
+    return text
+
+
+class EdgeWorker:
+    """An in-process edge worker: one model, batched expansion. The network agent wraps the same
+    `expand` call."""
+
+    def __init__(self, worker_id: str, generator: TextGenerator) -> None:
+        self.worker_id = worker_id
+        self.generator = generator
+        self.inflight = 0  # tasks currently running here (the dispatcher reads it)
+
+    def expand(self, tasks: list[ExpansionTask]) -> list[ExpansionResult]:
+        if not tasks:
+            return []
+        prompts = [self.generator.render_chat(expansion_messages(t), assistant_prefix(t))
+                   for t in tasks]
+        first = tasks[0]
+        params = SamplingParams(max_tokens=max(t.max_tokens for t in tasks),
+                                temperature=first.temperature, seed=first.seed, stop=("\n\n",))
+        self.inflight += len(tasks)
+        start = time.perf_counter()
+        try:
+            outs = self.generator.generate(prompts, params)
+        finally:
+            self.inflight -= len(tasks)
+        seconds = time.perf_counter() - start
+        return [
+            ExpansionResult(
+                request_id=t.request_id, index=t.index,
+                text=f"{t.sketch[t.index]}: {clean_expansion(o.text)}".rstrip(": "),
+                worker=self.worker_id, model=self.generator.name, tokens=o.completion_tokens,
+                mean_logprob=o.mean_logprob, logprobs=o.logprobs, finish_reason=o.finish_reason,
+                seconds=seconds,
+            )
+            for t, o in zip(tasks, outs, strict=True)
+        ]

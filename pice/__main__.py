@@ -1,0 +1,5 @@
+import sys
+
+from pice.cli import main
+
+sys.exit(main())

@@ -1,0 +1,120 @@
+"""`pice` command line: serve, ask, models, bench."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import sys
+from pathlib import Path
+
+from pice.shared.models import DEFAULT_CLOUD_MODEL, DEFAULT_EDGE_MODEL, models_main
+
+
+def _settings(args: argparse.Namespace):  # type: ignore[no-untyped-def]
+    from pice.shared.config import ServeSettings
+
+    overrides = {k: v for k, v in {
+        "host": getattr(args, "host", None), "port": getattr(args, "port", None),
+        "cloud_model": args.cloud_model, "edge_models": args.edge_model,
+        "cache_dir": args.cache_dir, "threads": args.threads,
+    }.items() if v is not None}
+    return ServeSettings(**overrides)
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from pice.cloud.api.app import create_app
+
+    settings = _settings(args)
+    print(f"pice: serving on http://{settings.host}:{settings.port} "
+          f"(cloud={settings.cloud_model}, edge={','.join(settings.edge_models)}); "
+          "GET /ready turns 200 when the models are loaded", file=sys.stderr)
+    uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_level="info")
+    return 0
+
+
+def cmd_ask(args: argparse.Namespace) -> int:
+    from pice.cloud.ask import ask_local, ask_remote
+
+    body = {"question": args.question, "mode": args.mode, "max_points": args.max_points,
+            "max_tokens": args.max_tokens}
+    if args.url:
+        return asyncio.run(ask_remote(args.url, body))
+    return asyncio.run(ask_local(_settings(args), body))
+
+
+def cmd_models(args: argparse.Namespace) -> int:
+    return models_main(args.action, args.names, args.cache_dir)
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    from pice.bench.progressive import BenchConfig, run_bench
+
+    cfg = BenchConfig(cloud_model=args.cloud_model or DEFAULT_CLOUD_MODEL,
+                      edge_model=(args.edge_model or [DEFAULT_EDGE_MODEL])[0],
+                      limit=args.limit, max_tokens=args.max_tokens, out_dir=args.out,
+                      cache_dir=args.cache_dir, threads=args.threads or 0,
+                      categories=args.category)
+    summary = run_bench(cfg)
+    print(json.dumps(summary["ratios"], indent=2))
+    return 0
+
+
+def _model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--cloud-model", help=f"cloud model spec (default {DEFAULT_CLOUD_MODEL})")
+    p.add_argument("--edge-model", action="append",
+                   help=f"edge model spec, repeatable (default {DEFAULT_EDGE_MODEL})")
+    p.add_argument("--cache-dir", type=Path, help="model cache (default ~/.cache/pice)")
+    p.add_argument("--threads", type=int, help="torch threads (default: all cores)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="pice", description=__doc__)
+    parser.add_argument("-v", "--verbose", action="store_true")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("serve", help="run the API with the embedded cloud model and edge workers")
+    _model_args(p)
+    p.add_argument("--host")
+    p.add_argument("--port", type=int)
+    p.set_defaults(fn=cmd_serve)
+
+    p = sub.add_parser("ask", help="ask one question; prints the sketch, then each section")
+    _model_args(p)
+    p.add_argument("question")
+    p.add_argument("--mode", default="auto", choices=["auto", "cloud", "progressive"])
+    p.add_argument("--max-points", type=int)
+    p.add_argument("--max-tokens", type=int, default=512)
+    p.add_argument("--url", help="ask a running server (e.g. http://127.0.0.1:8000) instead")
+    p.set_defaults(fn=cmd_ask)
+
+    p = sub.add_parser("models", help="list, prepare (assemble + convert) or verify models")
+    p.add_argument("action", choices=["list", "prepare", "verify"], nargs="?", default="list")
+    p.add_argument("names", nargs="*", help="aliases (default: all packaged models)")
+    p.add_argument("--cache-dir", type=Path)
+    p.set_defaults(fn=cmd_models)
+
+    p = sub.add_parser("bench", help="benchmarks (JSON + PNG)")
+    bsub = p.add_subparsers(dest="bench", required=True)
+    b = bsub.add_parser("progressive", help="progressive vs full cloud on the question set")
+    _model_args(b)
+    b.add_argument("--limit", type=int, default=0, help="questions to run (0 → all)")
+    b.add_argument("--category", action="append", help="only these categories (repeatable)")
+    b.add_argument("--max-tokens", type=int, default=256)
+    b.add_argument("--out", type=Path, default=Path("bench-results"))
+    b.set_defaults(fn=cmd_bench)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    return int(args.fn(args))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

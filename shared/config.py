@@ -1,0 +1,43 @@
+"""Typed configuration. `ServeSettings` reads PICE_* environment variables (pydantic-settings);
+every bad value is refused with a message that names it."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from pice.shared.models import DEFAULT_CLOUD_MODEL, DEFAULT_EDGE_MODEL
+
+
+class ServeSettings(BaseSettings):
+    """The embedded default server: API + scheduler + cloud model + in-process edge workers."""
+
+    model_config = SettingsConfigDict(env_prefix="PICE_", extra="forbid")
+
+    host: str = "127.0.0.1"
+    port: int = Field(8000, ge=0, le=65535)  # 0 → pick a free port (tests)
+    cloud_model: str = DEFAULT_CLOUD_MODEL  # alias, local dir, .gguf file or hub id
+    edge_models: list[str] = Field(default_factory=lambda: [DEFAULT_EDGE_MODEL])
+    cache_dir: Path | None = None  # None → $PICE_CACHE_DIR or ~/.cache/pice
+    max_context: int = Field(4096, ge=64, le=131072)  # per-request prompt + completion cap
+    default_max_tokens: int = Field(512, ge=1, le=131072)
+    threads: int = Field(0, ge=0, le=1024)  # torch intra-op threads; 0 → all cores
+    default_max_points: int = Field(6, ge=1, le=10)
+    words_per_point: int = Field(5, ge=1, le=20)
+    point_tokens: int = Field(64, ge=8, le=1024)  # edge budget per point
+
+    @field_validator("edge_models")
+    @classmethod
+    def _need_edges(cls, v: list[str]) -> list[str]:
+        if not v or any(not s.strip() for s in v):
+            raise ValueError(f"edge_models must name at least one non-empty model spec, got {v!r}")
+        return v
+
+    @field_validator("cloud_model")
+    @classmethod
+    def _need_cloud(cls, v: str) -> str:
+        if not v.strip():
+            raise ValueError("cloud_model must be a non-empty model spec")
+        return v

@@ -1,0 +1,165 @@
+"""First generation backend: transformers `generate` on CPU (or CUDA when present).
+
+All prompts passed to `generate` run as one left-padded batch, so the expansions of one answer
+cost one batched decode, not one decode per point."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, TextIteratorStreamer
+
+from pice.shared.backend import Message
+from pice.shared.errors import ContextLengthError
+from pice.shared.sampling import Completion, SamplingParams
+
+
+def _trim_at_stop(text: str, stop: tuple[str, ...]) -> tuple[str, bool]:
+    cut = min((i for i in (text.find(s) for s in stop) if i >= 0), default=-1)
+    return (text[:cut], True) if cut >= 0 else (text, False)
+
+
+class HFGenerator:
+    """A causal LM from transformers behind the `TextGenerator` interface. Thread-safe: one
+    generation runs at a time per model (the lock), callers batch to share it."""
+
+    def __init__(self, path: str, *, name: str | None = None, max_context: int = 4096,
+                 device: str | None = None) -> None:
+        self.name = name or path
+        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.tokenizer = AutoTokenizer.from_pretrained(path)
+        self.tokenizer.padding_side = "left"  # decoder-only batching pads on the left
+        if self.tokenizer.pad_token_id is None:
+            self.tokenizer.pad_token = self.tokenizer.eos_token
+        dtype = torch.float32 if self.device.type == "cpu" else torch.bfloat16
+        self.model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(self.device).eval()
+        self.max_context = min(max_context, int(getattr(self.model.config,
+                                                        "max_position_embeddings", max_context)))
+        self._eos_ids = self._collect_eos_ids()
+        self._lock = threading.Lock()
+
+    def _collect_eos_ids(self) -> set[int]:
+        ids: set[int] = set()
+        for source in (self.model.generation_config.eos_token_id, self.tokenizer.eos_token_id):
+            if isinstance(source, int):
+                ids.add(source)
+            elif source:
+                ids.update(source)
+        for tok in ("<|im_end|>", "<|endoftext|>", "<end_of_turn>"):
+            tid = self.tokenizer.convert_tokens_to_ids(tok)
+            if isinstance(tid, int) and tid != self.tokenizer.unk_token_id and tid >= 0:
+                ids.add(tid)
+        return ids
+
+    # ---- prompts -------------------------------------------------------------------------------
+    def render_chat(self, messages: list[Message], assistant_prefix: str = "") -> str:
+        if self.tokenizer.chat_template:
+            text = self.tokenizer.apply_chat_template(messages, tokenize=False,
+                                                      add_generation_prompt=True)
+            assert isinstance(text, str)
+        else:  # base models (gemma-3-270m): a plain few-shot-friendly transcript
+            text = "".join(f"{m['role'].capitalize()}: {m['content']}\n" for m in messages)
+            text += "Assistant:"
+            if assistant_prefix:
+                text += " "
+        return text + assistant_prefix
+
+    def count_tokens(self, text: str) -> int:
+        return len(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+
+    def check_fits(self, prompt_tokens: int, max_tokens: int, field: str = "messages") -> None:
+        if prompt_tokens + max_tokens > self.max_context:
+            raise ContextLengthError(
+                f"prompt has {prompt_tokens} tokens and max_tokens is {max_tokens}: "
+                f"{prompt_tokens + max_tokens} exceeds the context limit of {self.max_context}",
+                field=field,
+            )
+
+    # ---- generation ----------------------------------------------------------------------------
+    def _generate_kwargs(self, params: SamplingParams) -> dict[str, Any]:
+        kw: dict[str, Any] = {
+            "max_new_tokens": params.max_tokens,
+            "pad_token_id": self.tokenizer.pad_token_id,
+            "eos_token_id": sorted(self._eos_ids),
+            "do_sample": not params.greedy,
+        }
+        if not params.greedy:
+            kw.update(temperature=params.temperature, top_p=params.top_p, top_k=params.top_k or None)
+        else:  # silence sampling defaults a generation_config may carry
+            kw.update(temperature=None, top_p=None, top_k=None)
+        if params.stop:
+            kw.update(stop_strings=list(params.stop), tokenizer=self.tokenizer)
+        return kw
+
+    def _encode(self, prompts: list[str], max_tokens: int) -> dict[str, torch.Tensor]:
+        enc = self.tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False)
+        lengths = enc["attention_mask"].sum(dim=1).tolist()
+        for n in lengths:
+            self.check_fits(int(n), max_tokens)
+        return {k: v.to(self.device) for k, v in enc.items()}
+
+    @torch.inference_mode()
+    def generate(self, prompts: list[str], params: SamplingParams) -> list[Completion]:
+        if not prompts:
+            return []
+        enc = self._encode(prompts, params.max_tokens)
+        with self._lock:
+            if params.seed is not None:
+                torch.manual_seed(params.seed)
+            out = self.model.generate(**enc, **self._generate_kwargs(params),
+                                      return_dict_in_generate=True, output_logits=True)
+        prompt_len = enc["input_ids"].shape[1]
+        gen = out.sequences[:, prompt_len:].cpu()  # gen: [batch, new_tokens]
+        # logps: [batch, new_tokens, vocab] → chosen-token log-probs [batch, new_tokens]
+        logps = torch.stack(out.logits, dim=1).float().log_softmax(-1).cpu()
+        chosen = logps.gather(-1, gen.unsqueeze(-1)).squeeze(-1)
+        results = []
+        for row in range(gen.shape[0]):
+            ids = gen[row].tolist()
+            n = next((i + 1 for i, t in enumerate(ids) if t in self._eos_ids), len(ids))
+            hit_eos = n <= len(ids) and bool(ids) and ids[n - 1] in self._eos_ids
+            keep = ids[: n - 1] if hit_eos else ids[:n]
+            text = self.tokenizer.decode(keep, skip_special_tokens=True)
+            text, hit_stop = _trim_at_stop(text, params.stop)
+            results.append(Completion(
+                text=text,
+                token_ids=ids[:n],
+                logprobs=chosen[row, :n].tolist(),
+                prompt_tokens=int(enc["attention_mask"][row].sum()),
+                finish_reason="stop" if hit_eos or hit_stop else "length",
+            ))
+        return results
+
+    def stream(self, prompt: str, params: SamplingParams) -> Iterator[str]:
+        enc = self._encode([prompt], params.max_tokens)
+        streamer = TextIteratorStreamer(self.tokenizer, skip_prompt=True, skip_special_tokens=True,
+                                        timeout=600)
+        errors: list[BaseException] = []
+
+        def run() -> None:
+            try:
+                with self._lock, torch.inference_mode():
+                    if params.seed is not None:
+                        torch.manual_seed(params.seed)
+                    self.model.generate(**enc, **self._generate_kwargs(params), streamer=streamer)
+            except BaseException as exc:  # surfaced to the consumer below
+                errors.append(exc)
+                streamer.end()
+
+        thread = threading.Thread(target=run, daemon=True)
+        thread.start()
+        emitted = ""
+        for delta in streamer:
+            candidate = emitted + delta
+            trimmed, hit = _trim_at_stop(candidate, params.stop)
+            if trimmed[len(emitted):]:
+                yield trimmed[len(emitted):]
+            emitted = trimmed
+            if hit:
+                break
+        thread.join()
+        if errors:
+            raise errors[0]

@@ -1,0 +1,80 @@
+"""Factories for tests: tiny seeded models (a few MB) with a real byte-level BPE tokenizer and a
+chat template, and a tiny model trained for a few seconds to write an outline."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from transformers import PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
+
+SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+CHAT_TEMPLATE = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n"
+    "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+CORPUS = [
+    "How can I sleep better at night? Keep a fixed schedule, avoid screens, cool dark room.",
+    "1. Prepare everything the night before\n2. Wake up at a fixed time\n3. Keep breakfast simple",
+    "You plan answers. Reply with an outline only: a numbered list of the main points.",
+    "Question: Outline: Write point in one or two sentences. Do not write any other point.",
+    "The quick brown fox jumps over the lazy dog. Water boils at 100 degrees Celsius.",
+]
+SKETCH_ANSWER = "1. Fixed sleep schedule\n2. Dark quiet bedroom\n3. No screens late"
+
+
+def tiny_tokenizer(vocab_size: int = 400) -> PreTrainedTokenizerFast:
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIALS,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(CORPUS * 4, trainer)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>",
+                                   pad_token="<|endoftext|>")
+    fast.chat_template = CHAT_TEMPLATE
+    return fast
+
+
+def tiny_qwen2(out_dir: Path, seed: int = 0) -> Path:
+    """A random-weight Qwen2 (2 layers, hidden 64) with the tiny tokenizer, saved as an HF dir."""
+    tok = tiny_tokenizer()
+    torch.manual_seed(seed)
+    cfg = Qwen2Config(vocab_size=len(tok), hidden_size=64, intermediate_size=128,
+                      num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                      max_position_embeddings=1024, tie_word_embeddings=True,
+                      eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    model = Qwen2ForCausalLM(cfg).eval()
+    model.generation_config.eos_token_id = tok.eos_token_id
+    model.save_pretrained(out_dir)
+    tok.save_pretrained(out_dir)
+    return out_dir
+
+
+def train_to_sketch(model_dir: Path, prompts: list[str], answer: str = SKETCH_ANSWER,
+                    steps: int = 80, seed: int = 0) -> Path:
+    """Teach the tiny model to answer every given sketch prompt with `answer` (a few seconds of
+    Adam on CPU), so tests exercise a real sketch → parse → expand path."""
+    tok = PreTrainedTokenizerFast.from_pretrained(model_dir)
+    model = Qwen2ForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    torch.manual_seed(seed)
+    target = tok(answer + "<|im_end|>", add_special_tokens=False)["input_ids"]
+    batches = []
+    for p in prompts:
+        ids = tok(p, add_special_tokens=False)["input_ids"]
+        x = torch.tensor([ids + target])  # x: [1, prompt + answer]
+        labels = x.clone()
+        labels[0, : len(ids)] = -100  # learn the answer only
+        batches.append((x, labels))
+    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
+    model.train()
+    for step in range(steps):
+        x, labels = batches[step % len(batches)]
+        loss = model(input_ids=x, labels=labels).loss
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    model.eval()
+    model.save_pretrained(model_dir)
+    return model_dir
