@@ -57,15 +57,16 @@ async def ask_local(settings: ServeSettings, body: dict[str, Any]) -> int:
 
 async def ask_remote(url: str, body: dict[str, Any]) -> int:
     payload = {k: v for k, v in body.items() if v is not None}
-    async with httpx.AsyncClient(base_url=url, timeout=httpx.Timeout(10, read=900)) as client:
-        async with aconnect_sse(client, "POST", "/v1/progressive", json=payload) as source:
-            if source.response.status_code != 200:
-                await source.response.aread()
-                print(f"error {source.response.status_code}: {source.response.text}",
-                      file=sys.stderr)
+    timeout = httpx.Timeout(10, read=900)
+    async with httpx.AsyncClient(base_url=url, timeout=timeout) as client, aconnect_sse(
+            client, "POST", "/v1/progressive", json=payload) as source:
+        if source.response.status_code != 200:
+            await source.response.aread()
+            print(f"error {source.response.status_code}: {source.response.text}",
+                  file=sys.stderr)
+            return 1
+        async for sse in source.aiter_sse():
+            _print(sse.event, json.loads(sse.data))
+            if sse.event == "error":
                 return 1
-            async for sse in source.aiter_sse():
-                _print(sse.event, json.loads(sse.data))
-                if sse.event == "error":
-                    return 1
     return 0

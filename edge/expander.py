@@ -11,8 +11,8 @@ from pice.shared.protocol import ExpansionResult, ExpansionTask
 from pice.shared.sampling import SamplingParams
 
 _SYSTEM = ("You are helping write an answer whose outline is already fixed. You write the text "
-           "of exactly one point of the outline: one or two informative sentences that continue "
-           "that point and only that point.")
+           "of exactly one point of the outline: one or two informative sentences of plain prose "
+           "about that point and only that point. No lists, no numbering, no headings.")
 
 
 def expansion_messages(task: ExpansionTask) -> list[dict[str, str]]:
@@ -36,14 +36,17 @@ def assistant_prefix(task: ExpansionTask) -> str:
     return f"{task.sketch[task.index]}: "
 
 
-_NEXT_POINT = re.compile(r"\n\s*(?:\d{1,2}[.)]|[-*•])\s")
+# Where a small model starts another item: a new numbered/bulleted line, or "… end. 2. Next"
+_NEXT_POINT = re.compile(r"\n\s*(?:\d{1,2}[.)]|[-*•])\s|(?<=[.!?:])\s+\d{1,2}[.)]\s+(?=[A-Z])")
+_LEADING_NUMBER = re.compile(r"^\s*(?:\d{1,2}[.)]|[-*•])\s+")
 
 
 def clean_expansion(text: str) -> str:
-    """Keep the first paragraph, and cut where the model starts the next outline point."""
+    """Keep the first paragraph of the point's own text: drop a leading "1. ", cut where the
+    model starts the next outline item."""
+    text = _LEADING_NUMBER.sub("", text.strip(), count=1)
     text = _NEXT_POINT.split(text, maxsplit=1)[0]
-    text = text.strip().split("\n\n", 1)[0].strip()
-    return text
+    return text.strip().split("\n\n", 1)[0].strip()
 
 
 class EdgeWorker:

@@ -9,12 +9,14 @@ import logging
 import sys
 from pathlib import Path
 
+from pydantic import ValidationError
+
+from pice.shared.config import ServeSettings
+from pice.shared.errors import PiceError
 from pice.shared.models import DEFAULT_CLOUD_MODEL, DEFAULT_EDGE_MODEL, models_main
 
 
-def _settings(args: argparse.Namespace):  # type: ignore[no-untyped-def]
-    from pice.shared.config import ServeSettings
-
+def _settings(args: argparse.Namespace) -> ServeSettings:
     overrides = {k: v for k, v in {
         "host": getattr(args, "host", None), "port": getattr(args, "port", None),
         "cloud_model": args.cloud_model, "edge_models": args.edge_model,
@@ -113,7 +115,14 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    return int(args.fn(args))
+    try:
+        return int(args.fn(args))
+    except PiceError as exc:
+        print(f"pice: error: {exc.message}", file=sys.stderr)
+        return 2
+    except ValidationError as exc:  # bad settings (flags or PICE_* environment variables)
+        print(f"pice: invalid settings: {exc}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

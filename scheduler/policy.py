@@ -30,7 +30,8 @@ class PolicyConfig:
 
     def __post_init__(self) -> None:
         if not 1 <= self.default_max_points <= 10:
-            raise ValueError(f"default_max_points must be in [1, 10], got {self.default_max_points}")
+            raise ValueError(
+                f"default_max_points must be in [1, 10], got {self.default_max_points}")
         if self.point_tokens < 8:
             raise ValueError(f"point_tokens must be >= 8, got {self.point_tokens}")
 

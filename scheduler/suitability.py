@@ -14,14 +14,15 @@ from dataclasses import dataclass
 _UNSUITED: tuple[tuple[str, re.Pattern[str]], ...] = (
     ("code", re.compile(
         r"\b(write|implement|code|debug|fix)\b.*\b(function|class|program|script|code|method|"
-        r"query|regex|algorithm)\b|\b(python|javascript|typescript|java|c\+\+|rust|golang|sql|"
-        r"bash)\b|```", re.I | re.S)),
+        r"query|regex|algorithm)\b|\b(in|using)\s+(python|javascript|typescript|java|c\+\+|rust|"
+        r"go|sql|bash)\b|```", re.I | re.S)),
     ("math", re.compile(
         r"\d+\s*[-+*/×÷^=]\s*\d+|\b(solve|calculate|compute|how much|how many \w+ (?:does|did|will)"
-        r"|what is \d|percent|equation|integral|derivative|probability)\b", re.I)),
+        r"|what is \d|percent|equation|integral|derivative|probability|how old|perimeter|"
+        r"final price|average speed)\b|\d\s*%", re.I)),
     ("fermi", re.compile(r"\b(estimate|roughly how many|approximately how many|how many .* in "
                          r"the world|fermi)\b", re.I)),
-    ("creative", re.compile(r"\b(poem|haiku|limerick|story|sonnet|lyrics|song|fiction|rhyme|"
+    ("creative", re.compile(r"\b(poem|haiku|limerick|story|fable|sonnet|lyrics|song|fiction|rhyme|"
                             r"screenplay|dialogue between)\b", re.I)),
 )
 

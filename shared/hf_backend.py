@@ -35,7 +35,8 @@ class HFGenerator:
         if self.tokenizer.pad_token_id is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token
         dtype = torch.float32 if self.device.type == "cpu" else torch.bfloat16
-        self.model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(self.device).eval()
+        self.model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+        self.model.to(self.device).eval()  # type: ignore[arg-type]  # transformers' stub
         self.max_context = min(max_context, int(getattr(self.model.config,
                                                         "max_position_embeddings", max_context)))
         self._eos_ids = self._collect_eos_ids()
@@ -70,13 +71,16 @@ class HFGenerator:
     def count_tokens(self, text: str) -> int:
         return len(self.tokenizer(text, add_special_tokens=False)["input_ids"])
 
-    def check_fits(self, prompt_tokens: int, max_tokens: int, field: str = "messages") -> None:
+    def check_fits(self, prompt_tokens: int, max_tokens: int) -> None:
+        if max_tokens >= self.max_context:
+            raise ContextLengthError(
+                f"max_tokens {max_tokens} exceeds the context limit of {self.max_context}",
+                field="max_tokens")
         if prompt_tokens + max_tokens > self.max_context:
             raise ContextLengthError(
                 f"prompt has {prompt_tokens} tokens and max_tokens is {max_tokens}: "
                 f"{prompt_tokens + max_tokens} exceeds the context limit of {self.max_context}",
-                field=field,
-            )
+                field="messages")
 
     # ---- generation ----------------------------------------------------------------------------
     def _generate_kwargs(self, params: SamplingParams) -> dict[str, Any]:
@@ -87,7 +91,8 @@ class HFGenerator:
             "do_sample": not params.greedy,
         }
         if not params.greedy:
-            kw.update(temperature=params.temperature, top_p=params.top_p, top_k=params.top_k or None)
+            kw.update(temperature=params.temperature, top_p=params.top_p,
+                      top_k=params.top_k or None)
         else:  # silence sampling defaults a generation_config may carry
             kw.update(temperature=None, top_p=None, top_k=None)
         if params.stop:
@@ -122,7 +127,7 @@ class HFGenerator:
             n = next((i + 1 for i, t in enumerate(ids) if t in self._eos_ids), len(ids))
             hit_eos = n <= len(ids) and bool(ids) and ids[n - 1] in self._eos_ids
             keep = ids[: n - 1] if hit_eos else ids[:n]
-            text = self.tokenizer.decode(keep, skip_special_tokens=True)
+            text = str(self.tokenizer.decode(keep, skip_special_tokens=True))
             text, hit_stop = _trim_at_stop(text, params.stop)
             results.append(Completion(
                 text=text,

@@ -18,7 +18,8 @@ class SamplingParams:
 
     def __post_init__(self) -> None:
         if self.max_tokens < 1:
-            raise BadRequestError(f"max_tokens must be >= 1, got {self.max_tokens}", field="max_tokens")
+            raise BadRequestError(f"max_tokens must be >= 1, got {self.max_tokens}",
+                                  field="max_tokens")
         if not 0.0 <= self.temperature <= 2.0:
             raise BadRequestError(
                 f"temperature must be in [0, 2], got {self.temperature}", field="temperature"

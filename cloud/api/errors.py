@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -27,6 +28,14 @@ def _loc_to_param(loc: tuple[int | str, ...]) -> str:
     return ".".join(parts) if parts else "body"
 
 
+def _describe(err: Any) -> str:
+    text = f"{_loc_to_param(tuple(err['loc']))}: {err['msg']}"
+    if err.get("type") not in ("missing", "model_type") and "input" in err:
+        shown = repr(err["input"])
+        text += f", got {shown[:77] + '...' if len(shown) > 80 else shown}"
+    return text
+
+
 def exception_to_response(exc: BaseException) -> tuple[int, dict[str, object]]:
     """Status and body for any exception (used by handlers and by streams that already began)."""
     if isinstance(exc, PiceError):
@@ -43,12 +52,13 @@ def install_error_handlers(app: FastAPI, on_error: object = None) -> None:
     @app.exception_handler(RequestValidationError)
     async def _validation(_: Request, exc: RequestValidationError) -> JSONResponse:
         errs = exc.errors()
-        first = errs[0] if errs else {"loc": ("body",), "msg": "invalid request"}
+        first: dict[str, Any] = dict(errs[0]) if errs else {"loc": ("body",), "msg": "invalid"}
         param = _loc_to_param(tuple(first.get("loc", ("body",))))
         if first.get("type") == "json_invalid":
-            msg = f"body is not valid JSON: {first.get('ctx', {}).get('error', first['msg'])}"
+            ctx = dict(first.get("ctx") or {})
+            msg = f"body is not valid JSON: {ctx.get('error', first['msg'])}"
         else:
-            msg = "; ".join(f"{_loc_to_param(tuple(e['loc']))}: {e['msg']}" for e in errs)
+            msg = "; ".join(_describe(e) for e in errs)
         count(400)
         return JSONResponse(error_body(400, msg, param), status_code=400)
 

@@ -57,7 +57,7 @@ def convert_gguf(
         tmp = _tmp_dir(out_dir)
         shutil.rmtree(tmp, ignore_errors=True)  # left by a run that died mid-conversion
         try:
-            chat_template = _convert_into(gguf_path, tmp)
+            chat_template = _convert_into(gguf_path, tmp, progress)
             marker = {
                 "source_filename": gguf_path.name,
                 "source_sha256": digest.lower(),
@@ -72,9 +72,24 @@ def convert_gguf(
     return out_dir
 
 
-def _convert_into(gguf_path: Path, tmp: Path) -> bool:
+def _convert_into(gguf_path: Path, tmp: Path, progress: bool) -> bool:
     """Load the GGUF with transformers and save it into `tmp`; True if it has a chat template."""
     # Imported here so that listing or assembling models never pays for importing torch.
+    from transformers.utils import logging as hf_logging
+
+    # Silences transformers' shard-writing bar, then restores the process-wide switch. Its GGUF
+    # dequantize bar (a bare tqdm in 5.24) ignores this switch and still shows.
+    was_enabled = hf_logging.is_progress_bar_enabled()
+    if not progress:
+        hf_logging.disable_progress_bar()
+    try:
+        return _load_and_save(gguf_path, tmp)
+    finally:
+        if was_enabled:
+            hf_logging.enable_progress_bar()
+
+
+def _load_and_save(gguf_path: Path, tmp: Path) -> bool:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 

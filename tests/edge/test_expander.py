@@ -1,0 +1,56 @@
+import pytest
+
+from pice.edge.expander import EdgeWorker, clean_expansion, expansion_messages
+from pice.shared.hf_backend import HFGenerator
+from pice.shared.protocol import ExpansionTask
+from pice.shared.sampling import Completion, SamplingParams
+
+SKETCH = ["Fixed schedule", "Dark room", "No screens"]
+
+
+def tasks(n: int = 3) -> list[ExpansionTask]:
+    return [ExpansionTask(request_id="r1", question="How can I sleep better?", sketch=SKETCH,
+                          index=i, max_tokens=8) for i in range(n)]
+
+
+class CountingGenerator(HFGenerator):
+    """The real tiny model, counting how many generate calls (batches) it serves."""
+
+    calls: list[int]
+
+    def generate(self, prompts: list[str], params: SamplingParams) -> list[Completion]:
+        self.calls.append(len(prompts))
+        return super().generate(prompts, params)
+
+
+def test_all_points_run_as_one_batch(tiny_model_dir) -> None:  # type: ignore[no-untyped-def]
+    gen = CountingGenerator(str(tiny_model_dir))
+    gen.calls = []
+    results = EdgeWorker("edge-0", gen).expand(tasks())
+    assert gen.calls == [3]
+    assert [r.index for r in results] == [0, 1, 2]
+    for r, point in zip(results, SKETCH, strict=True):
+        assert r.text.startswith(point)
+        assert r.worker == "edge-0"
+        assert 1 <= r.tokens <= 8
+        assert len(r.logprobs) == r.tokens
+        assert r.mean_logprob == pytest.approx(sum(r.logprobs) / r.tokens)
+
+
+def test_prompts_share_a_prefix_and_name_their_point() -> None:
+    a, b = (expansion_messages(t)[1]["content"] for t in tasks(2))
+    assert a.split("Write point")[0] == b.split("Write point")[0]
+    assert 'Write point 1 ("Fixed schedule")' in a
+    assert 'Write point 2 ("Dark room")' in b
+
+
+@pytest.mark.parametrize(("raw", "clean"), [
+    ("keep the same hours.\n2. Dark room: blah", "keep the same hours."),
+    ("  go to bed at ten.  \n\nAnother paragraph", "go to bed at ten."),
+    ("one line\n- next bullet", "one line"),
+    ("a 2.5 hour nap", "a 2.5 hour nap"),
+    ("1. Start with a bath. 2. Set a time for bed. 3.", "Start with a bath."),
+    ("Rest 7-9 hours. It helps: 1. Mood", "Rest 7-9 hours. It helps:"),
+])
+def test_clean_expansion(raw: str, clean: str) -> None:
+    assert clean_expansion(raw) == clean
