@@ -4,20 +4,21 @@ for now; the edge-agent transport plugs in behind the same `dispatch`."""
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Sequence
 
-from pice.edge.expander import EdgeWorker
 from pice.shared.protocol import ExpansionResult, ExpansionTask
+from pice.shared.worker import ExpansionWorker
 
 
 class EdgePool:
-    def __init__(self, workers: list[EdgeWorker]) -> None:
-        self.workers = workers
+    def __init__(self, workers: Sequence[ExpansionWorker]) -> None:
+        self.workers = list(workers)
 
     @property
     def available(self) -> int:
         return len(self.workers)
 
-    def pick(self) -> EdgeWorker:
+    def pick(self) -> ExpansionWorker:
         """Least-loaded worker; ties go to the first listed."""
         assert self.workers, "dispatch with no edge worker"
         return min(self.workers, key=lambda w: w.inflight)

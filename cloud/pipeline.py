@@ -16,8 +16,7 @@ from pice.cloud.metrics import Metrics
 from pice.cloud.sketcher import parse_sketch, sketch_messages
 from pice.scheduler.policy import Decision, PolicyConfig, QueryFeatures, decide
 from pice.shared.aio import iterate_in_thread
-from pice.shared.backend import Message
-from pice.shared.hf_backend import HFGenerator
+from pice.shared.backend import Message, TextGenerator
 from pice.shared.protocol import ExpansionTask
 from pice.shared.sampling import SamplingParams
 
@@ -51,7 +50,7 @@ class _Clock:
 
 
 class Pipeline:
-    def __init__(self, cloud: HFGenerator, edges: EdgePool, policy: PolicyConfig,
+    def __init__(self, cloud: TextGenerator, edges: EdgePool, policy: PolicyConfig,
                  metrics: Metrics) -> None:
         self.cloud = cloud
         self.edges = edges

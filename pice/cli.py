@@ -21,6 +21,8 @@ def _settings(args: argparse.Namespace) -> ServeSettings:
         "host": getattr(args, "host", None), "port": getattr(args, "port", None),
         "cloud_model": args.cloud_model, "edge_models": args.edge_model,
         "cache_dir": args.cache_dir, "threads": args.threads,
+        "backend": getattr(args, "backend", None),
+        "quantization": getattr(args, "quantization", None),
     }.items() if v is not None}
     return ServeSettings(**overrides)
 
@@ -29,17 +31,19 @@ def cmd_serve(args: argparse.Namespace) -> int:
     import uvicorn
 
     from pice.cloud.api.app import create_app
+    from pice.runtime import build_pipeline
 
     settings = _settings(args)
     print(f"pice: serving on http://{settings.host}:{settings.port} "
           f"(cloud={settings.cloud_model}, edge={','.join(settings.edge_models)}); "
           "GET /ready turns 200 when the models are loaded", file=sys.stderr)
-    uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_level="info")
+    app = create_app(settings, build_pipeline)
+    uvicorn.run(app, host=settings.host, port=settings.port, log_level="info")
     return 0
 
 
 def cmd_ask(args: argparse.Namespace) -> int:
-    from pice.cloud.ask import ask_local, ask_remote
+    from pice.ask import ask_local, ask_remote
 
     body = {"question": args.question, "mode": args.mode, "max_points": args.max_points,
             "max_tokens": args.max_tokens}
@@ -59,9 +63,21 @@ def cmd_bench(args: argparse.Namespace) -> int:
                       edge_model=(args.edge_model or [DEFAULT_EDGE_MODEL])[0],
                       limit=args.limit, max_tokens=args.max_tokens, out_dir=args.out,
                       cache_dir=args.cache_dir, threads=args.threads or 0,
-                      categories=args.category)
+                      categories=args.category, backend=args.backend or "engine",
+                      quantization=args.quantization)
     summary = run_bench(cfg)
     print(json.dumps(summary["ratios"], indent=2))
+    return 0
+
+
+def cmd_bench_engine(args: argparse.Namespace) -> int:
+    from pice.bench.engine import EngineBenchConfig, run_engine_bench
+
+    sizes = [int(b) for b in args.batch_sizes.split(",")]
+    cfg = EngineBenchConfig(model=args.model, batch_sizes=sizes, decode_tokens=args.decode_tokens,
+                            int8_batch_sizes=[b for b in (1, 8) if b in sizes] or sizes[:1],
+                            out_dir=args.out, cache_dir=args.cache_dir, threads=args.threads)
+    print(json.dumps(run_engine_bench(cfg)["ratios"], indent=2))
     return 0
 
 
@@ -71,6 +87,9 @@ def _model_args(p: argparse.ArgumentParser) -> None:
                    help=f"edge model spec, repeatable (default {DEFAULT_EDGE_MODEL})")
     p.add_argument("--cache-dir", type=Path, help="model cache (default ~/.cache/pice)")
     p.add_argument("--threads", type=int, help="torch threads (default: all cores)")
+    p.add_argument("--backend", choices=["engine", "hf"],
+                   help="engine: pice's paged-KV engine (default); hf: transformers generate")
+    p.add_argument("--quantization", choices=["int8"], help="engine: int8 linear layers")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -101,6 +120,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("bench", help="benchmarks (JSON + PNG)")
     bsub = p.add_subparsers(dest="bench", required=True)
+    e = bsub.add_parser("engine", help="transformers generate vs the pice engine")
+    e.add_argument("--model", default=DEFAULT_EDGE_MODEL)
+    e.add_argument("--batch-sizes", default="1,4,8,16,32")
+    e.add_argument("--decode-tokens", type=int, default=32)
+    e.add_argument("--cache-dir", type=Path)
+    e.add_argument("--threads", type=int, default=0)
+    e.add_argument("--out", type=Path, default=Path("bench-results"))
+    e.set_defaults(fn=cmd_bench_engine)
     b = bsub.add_parser("progressive", help="progressive vs full cloud on the question set")
     _model_args(b)
     b.add_argument("--limit", type=int, default=0, help="questions to run (0 → all)")

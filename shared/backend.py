@@ -7,19 +7,26 @@ from collections.abc import Iterator
 from typing import Protocol
 
 from pice.shared.sampling import Completion, SamplingParams
-
-Message = dict[str, str]  # {"role": "system" | "user" | "assistant", "content": str}
+from pice.shared.tokenizer import ChatTokenizer, Message
 
 
 class TextGenerator(Protocol):
     name: str  # model spec it was loaded from
-    max_context: int  # tokens the model attends over (prompt + completion)
+
+    @property
+    def max_context(self) -> int:
+        """Tokens a request may use (prompt + completion)."""
+        ...
 
     def render_chat(self, messages: list[Message], assistant_prefix: str = "") -> str:
         """The model's chat template applied, ready for the assistant's turn (plus a prefix)."""
         ...
 
     def count_tokens(self, text: str) -> int: ...
+
+    def check_fits(self, prompt_tokens: int, max_tokens: int) -> None:
+        """Raise ContextLengthError (naming the field) when the request cannot fit."""
+        ...
 
     def generate(self, prompts: list[str], params: SamplingParams) -> list[Completion]:
         """All prompts as ONE batch; results in prompt order."""
@@ -28,3 +35,23 @@ class TextGenerator(Protocol):
     def stream(self, prompt: str, params: SamplingParams) -> Iterator[str]:
         """Text deltas as they are produced; the last item is followed by StopIteration."""
         ...
+
+
+class ChatBackedGenerator:
+    """Prompt-side operations, delegated to the backend's `ChatTokenizer`."""
+
+    name: str
+    chat: ChatTokenizer
+
+    @property
+    def max_context(self) -> int:
+        return self.chat.max_context
+
+    def render_chat(self, messages: list[Message], assistant_prefix: str = "") -> str:
+        return self.chat.render_chat(messages, assistant_prefix)
+
+    def count_tokens(self, text: str) -> int:
+        return self.chat.count_tokens(text)
+
+    def check_fits(self, prompt_tokens: int, max_tokens: int) -> None:
+        self.chat.check_fits(prompt_tokens, max_tokens)

@@ -4,6 +4,7 @@ every bad value is refused with a message that names it."""
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Literal
 
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -24,6 +25,9 @@ class ServeSettings(BaseSettings):
     max_context: int = Field(4096, ge=64, le=131072)  # per-request prompt + completion cap
     default_max_tokens: int = Field(512, ge=1, le=131072)
     threads: int = Field(0, ge=0, le=1024)  # torch intra-op threads; 0 → all cores
+    backend: Literal["engine", "hf"] = "engine"  # our paged-KV engine, or transformers generate
+    quantization: Literal["int8"] | None = None  # engine: dynamic int8 linear layers
+    kv_cache_gb: float = Field(1.0, gt=0, le=1024)  # engine: KV-cache pool per model
     default_max_points: int = Field(6, ge=1, le=10)
     words_per_point: int = Field(5, ge=1, le=20)
     point_tokens: int = Field(64, ge=8, le=1024)  # edge budget per point

@@ -10,19 +10,14 @@ from collections.abc import Iterator
 from typing import Any
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, TextIteratorStreamer
+from transformers import AutoModelForCausalLM, TextIteratorStreamer
 
-from pice.shared.backend import Message
-from pice.shared.errors import ContextLengthError
+from pice.shared.backend import ChatBackedGenerator
 from pice.shared.sampling import Completion, SamplingParams
+from pice.shared.tokenizer import ChatTokenizer, trim_at_stop
 
 
-def _trim_at_stop(text: str, stop: tuple[str, ...]) -> tuple[str, bool]:
-    cut = min((i for i in (text.find(s) for s in stop) if i >= 0), default=-1)
-    return (text[:cut], True) if cut >= 0 else (text, False)
-
-
-class HFGenerator:
+class HFGenerator(ChatBackedGenerator):
     """A causal LM from transformers behind the `TextGenerator` interface. Thread-safe: one
     generation runs at a time per model (the lock), callers batch to share it."""
 
@@ -30,64 +25,22 @@ class HFGenerator:
                  device: str | None = None) -> None:
         self.name = name or path
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        self.tokenizer = AutoTokenizer.from_pretrained(path)
-        self.tokenizer.padding_side = "left"  # decoder-only batching pads on the left
-        if self.tokenizer.pad_token_id is None:
-            self.tokenizer.pad_token = self.tokenizer.eos_token
         dtype = torch.float32 if self.device.type == "cpu" else torch.bfloat16
         self.model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
         self.model.to(self.device).eval()  # type: ignore[arg-type]  # transformers' stub
-        self.max_context = min(max_context, int(getattr(self.model.config,
-                                                        "max_position_embeddings", max_context)))
-        self._eos_ids = self._collect_eos_ids()
+        cfg_ctx = int(getattr(self.model.config, "max_position_embeddings", max_context))
+        self.chat = ChatTokenizer(path, min(max_context, cfg_ctx),
+                                  self.model.generation_config.eos_token_id)
+        self.tokenizer = self.chat.tok
+        self._eos_ids = self.chat.eos_ids
         self._lock = threading.Lock()
-
-    def _collect_eos_ids(self) -> set[int]:
-        ids: set[int] = set()
-        for source in (self.model.generation_config.eos_token_id, self.tokenizer.eos_token_id):
-            if isinstance(source, int):
-                ids.add(source)
-            elif source:
-                ids.update(source)
-        for tok in ("<|im_end|>", "<|endoftext|>", "<end_of_turn>"):
-            tid = self.tokenizer.convert_tokens_to_ids(tok)
-            if isinstance(tid, int) and tid != self.tokenizer.unk_token_id and tid >= 0:
-                ids.add(tid)
-        return ids
-
-    # ---- prompts -------------------------------------------------------------------------------
-    def render_chat(self, messages: list[Message], assistant_prefix: str = "") -> str:
-        if self.tokenizer.chat_template:
-            text = self.tokenizer.apply_chat_template(messages, tokenize=False,
-                                                      add_generation_prompt=True)
-            assert isinstance(text, str)
-        else:  # base models (gemma-3-270m): a plain few-shot-friendly transcript
-            text = "".join(f"{m['role'].capitalize()}: {m['content']}\n" for m in messages)
-            text += "Assistant:"
-            if assistant_prefix:
-                text += " "
-        return text + assistant_prefix
-
-    def count_tokens(self, text: str) -> int:
-        return len(self.tokenizer(text, add_special_tokens=False)["input_ids"])
-
-    def check_fits(self, prompt_tokens: int, max_tokens: int) -> None:
-        if max_tokens >= self.max_context:
-            raise ContextLengthError(
-                f"max_tokens {max_tokens} exceeds the context limit of {self.max_context}",
-                field="max_tokens")
-        if prompt_tokens + max_tokens > self.max_context:
-            raise ContextLengthError(
-                f"prompt has {prompt_tokens} tokens and max_tokens is {max_tokens}: "
-                f"{prompt_tokens + max_tokens} exceeds the context limit of {self.max_context}",
-                field="messages")
 
     # ---- generation ----------------------------------------------------------------------------
     def _generate_kwargs(self, params: SamplingParams) -> dict[str, Any]:
         kw: dict[str, Any] = {
             "max_new_tokens": params.max_tokens,
             "pad_token_id": self.tokenizer.pad_token_id,
-            "eos_token_id": sorted(self._eos_ids),
+            "eos_token_id": sorted(self._eos_ids | set(params.stop_token_ids)),
             "do_sample": not params.greedy,
         }
         if not params.greedy:
@@ -95,6 +48,8 @@ class HFGenerator:
                       top_k=params.top_k or None)
         else:  # silence sampling defaults a generation_config may carry
             kw.update(temperature=None, top_p=None, top_k=None)
+        if params.ignore_eos:
+            kw.update(min_new_tokens=params.max_tokens)
         if params.stop:
             kw.update(stop_strings=list(params.stop), tokenizer=self.tokenizer)
         return kw
@@ -122,13 +77,14 @@ class HFGenerator:
         logps = torch.stack(out.logits, dim=1).float().log_softmax(-1).cpu()
         chosen = logps.gather(-1, gen.unsqueeze(-1)).squeeze(-1)
         results = []
+        ends = self._eos_ids | set(params.stop_token_ids)
         for row in range(gen.shape[0]):
             ids = gen[row].tolist()
-            n = next((i + 1 for i, t in enumerate(ids) if t in self._eos_ids), len(ids))
-            hit_eos = n <= len(ids) and bool(ids) and ids[n - 1] in self._eos_ids
+            n = next((i + 1 for i, t in enumerate(ids) if t in ends), len(ids))
+            hit_eos = bool(ids) and ids[n - 1] in ends
             keep = ids[: n - 1] if hit_eos else ids[:n]
             text = str(self.tokenizer.decode(keep, skip_special_tokens=True))
-            text, hit_stop = _trim_at_stop(text, params.stop)
+            text, hit_stop = trim_at_stop(text, params.stop)
             results.append(Completion(
                 text=text,
                 token_ids=ids[:n],
@@ -159,7 +115,7 @@ class HFGenerator:
         emitted = ""
         for delta in streamer:
             candidate = emitted + delta
-            trimmed, hit = _trim_at_stop(candidate, params.stop)
+            trimmed, hit = trim_at_stop(candidate, params.stop)
             if trimmed[len(emitted):]:
                 yield trimmed[len(emitted):]
             emitted = trimmed

@@ -15,6 +15,8 @@ class SamplingParams:
     top_k: int = 0  # 0 → off
     seed: int | None = None
     stop: tuple[str, ...] = ()  # generation ends before the first of these strings
+    stop_token_ids: tuple[int, ...] = ()  # extra tokens that end generation (besides EOS)
+    ignore_eos: bool = False  # run to max_tokens (benchmarks)
 
     def __post_init__(self) -> None:
         if self.max_tokens < 1:

@@ -14,6 +14,7 @@ import uvicorn
 
 from pice.cloud.api.app import create_app
 from pice.cloud.sketcher import sketch_messages
+from pice.runtime import build_pipeline
 from pice.shared.config import ServeSettings
 from pice.shared.hf_backend import HFGenerator
 from tests.factories import tiny_qwen2, train_to_sketch
@@ -53,7 +54,8 @@ def _free_port() -> int:
 class LiveServer:
     def __init__(self, settings: ServeSettings) -> None:
         self.url = f"http://127.0.0.1:{settings.port}"
-        config = uvicorn.Config(create_app(settings), host="127.0.0.1", port=settings.port,
+        app = create_app(settings, build_pipeline)
+        config = uvicorn.Config(app, host="127.0.0.1", port=settings.port,
                                 log_level="warning")
         self.server = uvicorn.Server(config)
         self.thread = threading.Thread(target=self.server.run, daemon=True)

@@ -14,7 +14,6 @@ from pice.cloud.api import chat, ops, progressive
 from pice.cloud.api.errors import install_error_handlers
 from pice.cloud.metrics import Metrics
 from pice.cloud.pipeline import Pipeline
-from pice.cloud.runtime import build_pipeline
 from pice.shared.config import ServeSettings
 
 log = logging.getLogger(__name__)
@@ -22,8 +21,8 @@ log = logging.getLogger(__name__)
 Builder = Callable[[ServeSettings, Metrics], Pipeline]
 
 
-def create_app(settings: ServeSettings | None = None, builder: Builder = build_pipeline) -> FastAPI:
-    settings = settings or ServeSettings()
+def create_app(settings: ServeSettings, builder: Builder) -> FastAPI:
+    """`builder` loads the models and returns the pipeline (`pice.runtime.build_pipeline`)."""
     metrics = Metrics()
 
     @asynccontextmanager

@@ -13,7 +13,7 @@ from pice.cloud.api.progressive import _answer_request
 from pice.cloud.api.schemas import ProgressiveRequest
 from pice.cloud.events import DeltaEvent, DoneEvent, SectionEvent, SketchEvent
 from pice.cloud.metrics import Metrics
-from pice.cloud.runtime import build_pipeline
+from pice.runtime import build_pipeline
 from pice.shared.config import ServeSettings
 
 

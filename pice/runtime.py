@@ -1,4 +1,5 @@
-"""Build the embedded runtime from settings: resolve and load the models, start edge workers."""
+"""The composition root: resolve and load the models, start in-process edge workers, wire them
+into the cloud pipeline. (It alone imports both `pice.cloud` and `pice.edge`.)"""
 
 from __future__ import annotations
 
@@ -11,7 +12,9 @@ from pice.cloud.metrics import Metrics
 from pice.cloud.pipeline import Pipeline
 from pice.edge.expander import EdgeWorker
 from pice.scheduler.policy import PolicyConfig
+from pice.shared.backend import TextGenerator
 from pice.shared.config import ServeSettings
+from pice.shared.engine.generator import EngineGenerator
 from pice.shared.hf_backend import HFGenerator
 from pice.shared.models import resolve_model
 
@@ -23,17 +26,21 @@ def set_threads(threads: int) -> None:
         torch.set_num_threads(threads)
 
 
-def load_generator(spec: str, settings: ServeSettings, progress: bool = True) -> HFGenerator:
+def load_generator(spec: str, settings: ServeSettings, progress: bool = True) -> TextGenerator:
     resolved = resolve_model(spec, settings.cache_dir, progress=progress)
-    log.info("loading %s from %s (%s)", spec, resolved.path, resolved.source)
-    return HFGenerator(resolved.path, name=spec, max_context=settings.max_context)
+    log.info("loading %s from %s (%s, backend %s)", spec, resolved.path, resolved.source,
+             settings.backend)
+    if settings.backend == "hf":
+        return HFGenerator(resolved.path, name=spec, max_context=settings.max_context)
+    return EngineGenerator(resolved.path, name=spec, max_context=settings.max_context,
+                           quantization=settings.quantization, kv_cache_gb=settings.kv_cache_gb)
 
 
 def build_pipeline(settings: ServeSettings, metrics: Metrics, progress: bool = True) -> Pipeline:
     set_threads(settings.threads)
-    loaded: dict[str, HFGenerator] = {}
+    loaded: dict[str, TextGenerator] = {}
 
-    def get(spec: str) -> HFGenerator:
+    def get(spec: str) -> TextGenerator:
         if spec not in loaded:  # one copy per distinct model, shared by cloud and edge
             loaded[spec] = load_generator(spec, settings, progress)
         return loaded[spec]

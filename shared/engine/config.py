@@ -1,0 +1,40 @@
+"""Engine configuration: one dataclass, validated with messages that carry the bad value."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass
+class EngineConfig:
+    model: str  # local HF directory with config.json + safetensors (resolved beforehand)
+    block_size: int = 16  # tokens per KV-cache block
+    kv_cache_gb: float = 1.0  # memory for the KV cache pool (sets the number of blocks)
+    num_blocks: int = 0  # explicit pool size; 0 → from kv_cache_gb
+    max_num_seqs: int = 32  # sequences per step
+    max_num_batched_tokens: int = 4096  # tokens per step (prefill budget)
+    max_model_len: int = 4096  # prompt + completion per sequence
+    dtype: str = "float32"  # float32 | bfloat16 | float16
+    quantization: str | None = None  # None | "int8" (dynamic int8 linear layers, CPU)
+    prefix_caching: bool = True
+    device: str = "cpu"
+
+    def __post_init__(self) -> None:
+        checks = [
+            (self.block_size in (1, 2, 4, 8, 16, 32, 64, 128), "block_size must be a power of 2 "
+             f"in [1, 128], got {self.block_size}"),
+            (self.kv_cache_gb > 0, f"kv_cache_gb must be > 0, got {self.kv_cache_gb}"),
+            (self.num_blocks >= 0, f"num_blocks must be >= 0, got {self.num_blocks}"),
+            (self.max_num_seqs >= 1, f"max_num_seqs must be >= 1, got {self.max_num_seqs}"),
+            (self.max_model_len >= 2, f"max_model_len must be >= 2, got {self.max_model_len}"),
+            (self.max_num_batched_tokens >= self.max_model_len,
+             f"max_num_batched_tokens ({self.max_num_batched_tokens}) must be >= max_model_len "
+             f"({self.max_model_len}) so that any admitted prompt fits one step"),
+            (self.dtype in ("float32", "bfloat16", "float16"),
+             f"dtype must be float32, bfloat16 or float16, got {self.dtype!r}"),
+            (self.quantization in (None, "int8"),
+             f"quantization must be None or 'int8', got {self.quantization!r}"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise ValueError(message)

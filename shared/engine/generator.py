@@ -1,0 +1,128 @@
+"""The engine behind the `TextGenerator` interface: a loop thread steps the engine while any
+request is in flight, so concurrent callers (a stream, a sketch, a batch of expansions) share
+every step: continuous batching."""
+
+from __future__ import annotations
+
+import json
+import logging
+import queue
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from pice.shared.backend import ChatBackedGenerator
+from pice.shared.engine.config import EngineConfig
+from pice.shared.engine.llm_engine import LLMEngine
+from pice.shared.engine.models import model_class
+from pice.shared.engine.sequence import Sequence
+from pice.shared.sampling import Completion, SamplingParams
+from pice.shared.tokenizer import ChatTokenizer, trim_at_stop
+
+log = logging.getLogger(__name__)
+
+
+class _Handle:
+    def __init__(self, seq: Sequence) -> None:
+        self.seq = seq
+        self.updates: queue.Queue[BaseException | None] = queue.Queue()  # None → progress
+        self.done = threading.Event()
+        self.error: BaseException | None = None
+
+    def notify(self) -> None:
+        if self.seq.is_finished:
+            self.done.set()
+        self.updates.put(None)
+
+    def fail(self, exc: BaseException) -> None:
+        self.error = exc
+        self.done.set()
+        self.updates.put(exc)
+
+
+def _generation_eos(path: str) -> Any:
+    cfg = Path(path) / "generation_config.json"
+    return json.loads(cfg.read_text()).get("eos_token_id") if cfg.exists() else None
+
+
+class EngineGenerator(ChatBackedGenerator):
+    def __init__(self, path: str, *, name: str | None = None, max_context: int = 4096,
+                 **engine_options: Any) -> None:
+        self.name = name or path
+        model_class(path)  # an unsupported architecture is refused before anything loads
+        cfg = EngineConfig(model=path, max_model_len=max_context,
+                           max_num_batched_tokens=max(4096, max_context), **engine_options)
+        self.chat = ChatTokenizer(path, max_context, _generation_eos(path))
+        self.engine = LLMEngine(cfg, self.chat.eos_ids, self.chat.decode)
+        self.chat.max_context = self.engine.max_model_len
+        self._inbox: queue.Queue[_Handle] = queue.Queue()
+        self._live: dict[int, _Handle] = {}
+        threading.Thread(target=self._loop, name=f"engine-{self.name}", daemon=True).start()
+
+    # ---- the loop thread ---------------------------------------------------------------------
+    def _loop(self) -> None:
+        while True:
+            if not self.engine.has_work:
+                self._admit(self._inbox.get())  # idle: block until a request arrives
+            while not self._inbox.empty():
+                self._admit(self._inbox.get_nowait())
+            try:
+                stepped = self.engine.step()
+            except Exception as exc:  # fail what was in flight, keep serving
+                log.exception("engine step failed")
+                for handle in [h for h in self._live.values() if h.seq.is_finished]:
+                    self._live.pop(handle.seq.seq_id)
+                    handle.fail(exc)
+                continue
+            for seq in stepped:
+                handle = self._live[seq.seq_id]
+                handle.notify()
+                if seq.is_finished:
+                    del self._live[seq.seq_id]
+
+    def _admit(self, handle: _Handle) -> None:
+        self._live[handle.seq.seq_id] = handle
+        self.engine.add(handle.seq)
+
+    # ---- callers' side ------------------------------------------------------------------------
+    def submit(self, prompt: str, params: SamplingParams) -> _Handle:
+        ids = self.chat.encode(prompt)
+        self.chat.check_fits(len(ids), params.max_tokens)
+        handle = _Handle(self.engine.make_sequence(ids, params))  # admission errors raise here
+        self._inbox.put(handle)
+        return handle
+
+    def _text(self, seq: Sequence) -> tuple[str, bool]:
+        ids = seq.completion_ids
+        if ids and ids[-1] in self.chat.eos_ids:
+            ids = ids[:-1]
+        return trim_at_stop(self.chat.decode(ids), seq.params.stop)
+
+    def generate(self, prompts: list[str], params: SamplingParams) -> list[Completion]:
+        handles = [self.submit(p, params) for p in prompts]
+        out = []
+        for h in handles:
+            h.done.wait()
+            if h.error is not None:
+                raise h.error
+            text, _ = self._text(h.seq)
+            out.append(Completion(text=text, token_ids=h.seq.completion_ids,
+                                  logprobs=list(h.seq.logprobs),
+                                  prompt_tokens=h.seq.num_prompt_tokens,
+                                  finish_reason=h.seq.finish_reason or "stop"))
+        return out
+
+    def stream(self, prompt: str, params: SamplingParams) -> Iterator[str]:
+        handle = self.submit(prompt, params)
+        emitted = ""
+        while True:
+            update = handle.updates.get()
+            if isinstance(update, BaseException):
+                raise update
+            text, _ = self._text(handle.seq)
+            if not text.endswith("\ufffd") and len(text) > len(emitted):  # whole characters only
+                yield text[len(emitted):]
+                emitted = text
+            if handle.done.is_set() and handle.updates.empty():
+                return

@@ -1,0 +1,63 @@
+"""Executes what the scheduler decided: builds the step's tensors, runs the model over the paged
+KV cache, samples. Never decides anything."""
+
+from __future__ import annotations
+
+from typing import cast
+
+import torch
+
+from pice.kernels.paged_attention import build_metadata
+from pice.shared.engine.config import EngineConfig
+from pice.shared.engine.models import CausalLM, build_model
+from pice.shared.engine.sampler import sample
+from pice.shared.engine.scheduler import SchedulerOutput
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def quantize_int8(model: torch.nn.Module) -> torch.nn.Module:
+    """Dynamic int8 for every nn.Linear: int8 weights, activations quantized per step."""
+    from torch.ao.quantization import quantize_dynamic
+
+    return quantize_dynamic(model, {torch.nn.Linear}, dtype=torch.qint8)
+
+
+class ModelRunner:
+    def __init__(self, cfg: EngineConfig) -> None:
+        self.cfg = cfg
+        self.device = torch.device(cfg.device)
+        self.dtype = _DTYPES[cfg.dtype]
+        self.model = build_model(cfg.model, dtype=self.dtype, device=self.device)
+        if cfg.quantization == "int8":
+            self.model = cast(CausalLM, quantize_int8(self.model))
+        m = self.model
+        per_block = 2 * m.num_layers * cfg.block_size * m.num_kv_heads * m.head_dim * \
+            self.dtype.itemsize
+        self.num_blocks = cfg.num_blocks or max(1, int(cfg.kv_cache_gb * 2**30 // per_block))
+        shape = (self.num_blocks, cfg.block_size, m.num_kv_heads, m.head_dim)
+        # kv_caches[layer] = (k, v), each [num_blocks, block_size, kv_heads, head_dim]
+        self.kv_caches = [(torch.zeros(shape, dtype=self.dtype, device=self.device),
+                           torch.zeros(shape, dtype=self.dtype, device=self.device))
+                          for _ in range(m.num_layers)]
+
+    @torch.inference_mode()
+    def execute(self, batch: SchedulerOutput) -> tuple[list[int], list[float]]:
+        seqs = batch.seqs
+        if batch.is_prefill:
+            query_lens = [len(s) - s.num_cached_tokens for s in seqs]
+            ids = [t for s, q in zip(seqs, query_lens, strict=True) for t in s.token_ids[-q:]]
+            context_lens = [len(s) for s in seqs]
+        else:  # decode: the newest token of each sequence
+            query_lens = [1] * len(seqs)
+            ids = [s.last_token for s in seqs]
+            context_lens = [len(s) for s in seqs]
+        meta = build_metadata([s.block_table for s in seqs], context_lens, query_lens,
+                              self.cfg.block_size, self.device)
+        input_ids = torch.tensor(ids, dtype=torch.long, device=self.device)  # [num_tokens]
+        hidden = self.model(input_ids, self.kv_caches, meta)  # [num_tokens, hidden]
+        last = torch.tensor(query_lens, device=self.device).cumsum(0) - 1  # [batch]
+        logits = self.model.compute_logits(hidden[last]).float().cpu()  # [batch, vocab]
+        for s in seqs:
+            s.num_cached_tokens = len(s)
+        return sample(logits, seqs)

@@ -1,0 +1,142 @@
+"""`build_model`: config.json -> architecture class -> weights from *.safetensors.
+
+The model is constructed on the meta device (no memory, no random init), materialized empty on
+the target device in the target dtype, then every parameter is filled from the checkpoint
+(safetensors only: no pickle is ever loaded). A checkpoint that leaves any parameter unfilled,
+or holds a tensor we would drop, is rejected rather than run with garbage."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+
+from pice.shared.engine.models.base import CausalLM
+from pice.shared.engine.models.gemma3 import Gemma3ForCausalLM
+from pice.shared.engine.models.llama import LlamaForCausalLM, Qwen2ForCausalLM
+from pice.shared.errors import ModelNotFoundError, UnsupportedModelError
+
+# config.architectures[0] -> class; MODEL_TYPES is the fallback for configs without it.
+ARCHITECTURES: dict[str, type[CausalLM]] = {
+    "LlamaForCausalLM": LlamaForCausalLM,
+    "Qwen2ForCausalLM": Qwen2ForCausalLM,
+    "Gemma3ForCausalLM": Gemma3ForCausalLM,
+}
+MODEL_TYPES: dict[str, type[CausalLM]] = {
+    "llama": LlamaForCausalLM,
+    "qwen2": Qwen2ForCausalLM,
+    "gemma3_text": Gemma3ForCausalLM,
+}
+# Checkpoint tensors that carry no weights of ours (old checkpoints saved rope buffers).
+_IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
+
+
+def _pick_class(raw: dict[str, Any]) -> type[CausalLM]:
+    archs = raw.get("architectures") or []
+    arch = archs[0] if archs else None
+    if arch in ARCHITECTURES:
+        return ARCHITECTURES[arch]
+    model_type = raw.get("model_type")
+    if arch is None and model_type in MODEL_TYPES:
+        return MODEL_TYPES[model_type]
+    raise UnsupportedModelError(
+        f"unsupported model architecture {arch or model_type!r}; "
+        f"supported: {', '.join(ARCHITECTURES)}")
+
+
+def model_class(model_dir: str | Path) -> type[CausalLM]:
+    """The engine class for `model_dir/config.json`; refuses an unsupported one (cheap: reads
+    only the JSON, so admission can fail before anything heavy is loaded)."""
+    config_path = Path(model_dir) / "config.json"
+    if not config_path.is_file():
+        raise ModelNotFoundError(f"{model_dir} has no config.json")
+    return _pick_class(json.loads(config_path.read_text()))
+
+
+def build_model(model_dir: str | Path, dtype: torch.dtype = torch.float32,
+                device: str | torch.device = "cpu") -> CausalLM:
+    """Instantiate the architecture named by `model_dir/config.json` and load its weights."""
+    model_dir = Path(model_dir)
+    cls = model_class(model_dir)
+    files = sorted(model_dir.glob("*.safetensors"))
+    if not files:
+        raise UnsupportedModelError(f"{model_dir} has no *.safetensors weights")
+    from transformers import AutoConfig  # lazy: transformers is slow to import
+
+    config = AutoConfig.from_pretrained(model_dir)
+    with torch.device("meta"):
+        model = cls(config)
+    model = model.to(dtype=dtype).to_empty(device=device)
+    model.tie_weights()
+    load_safetensors(model, files)
+    return model.eval().requires_grad_(False)
+
+
+def _fused_target(model: CausalLM, name: str) -> tuple[torch.Tensor, int, int, str] | None:
+    """For a checkpoint name like `...self_attn.k_proj.weight`: (our fused parameter, row offset,
+    rows, coverage key), or None when the tensor is not part of a fused projection."""
+    *path, leaf, param_name = name.split(".")
+    if leaf not in model.fused_weights:
+        return None
+    fused, shard = model.fused_weights[leaf]
+    try:
+        owner = model.get_submodule(".".join(path))
+        param = getattr(getattr(owner, fused), param_name)
+    except AttributeError:
+        return None  # reported as unexpected
+    sizes: list[int] = getattr(owner, "fused_sizes")[fused]  # noqa: B009 (set by layers)
+    key = f"{'.'.join(path)}.{fused}.{param_name}#{shard}"
+    return param, sum(sizes[:shard]), sizes[shard], key
+
+
+def _expected_keys(model: CausalLM) -> set[str]:
+    """Coverage keys that a complete checkpoint fills: one per parameter, one per fused shard."""
+    inverse: dict[str, int] = {}
+    for fused, _ in model.fused_weights.values():
+        inverse[fused] = inverse.get(fused, 0) + 1
+    keys: set[str] = set()
+    for name, _ in model.named_parameters():  # tied parameters are listed once
+        leaf = name.split(".")[-2]  # e.g. "qkv_proj" in "...self_attn.qkv_proj.weight"
+        if leaf in inverse:
+            keys.update(f"{name}#{i}" for i in range(inverse[leaf]))
+        else:
+            keys.add(name)
+    return keys
+
+
+@torch.no_grad()
+def load_safetensors(model: CausalLM, files: list[Path]) -> None:
+    """Copy every checkpoint tensor into its (possibly fused) parameter, casting dtype and
+    moving device on the way; reject unknown tensors and unfilled parameters."""
+    params = dict(model.named_parameters())
+    expected, seen, unexpected = _expected_keys(model), set(), []
+    for file in files:
+        with safe_open(str(file), framework="pt", device="cpu") as f:
+            for name in f.keys():  # noqa: SIM118 (safe_open is not a Mapping)
+                if name.endswith(_IGNORED_SUFFIXES) or (
+                        name == "lm_head.weight" and model.tie_word_embeddings):
+                    continue  # a tied head is the embedding; never load it twice
+                target = _fused_target(model, name) if name not in params else None
+                if target is not None:
+                    param, offset, rows, key = target
+                    dest = param.narrow(0, offset, rows)
+                elif name in params:
+                    dest, key = params[name], name
+                else:
+                    unexpected.append(name)
+                    continue
+                tensor = f.get_tensor(name)
+                if tensor.shape != dest.shape:
+                    raise UnsupportedModelError(
+                        f"weight {name} has shape {tuple(tensor.shape)}, "
+                        f"expected {tuple(dest.shape)}")
+                dest.copy_(tensor)
+                seen.add(key)
+    if unexpected:
+        raise UnsupportedModelError(f"unexpected weights in checkpoint: {unexpected[:5]}")
+    missing = sorted(expected - seen)
+    if missing:
+        raise UnsupportedModelError(f"weights missing from checkpoint: {missing[:5]}")

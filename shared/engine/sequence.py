@@ -1,0 +1,59 @@
+"""A request inside the engine: its tokens, its blocks, how far its KV cache is computed."""
+
+from __future__ import annotations
+
+import itertools
+from enum import Enum, auto
+
+import torch
+
+from pice.shared.sampling import SamplingParams
+
+_ids = itertools.count()
+
+
+class SeqStatus(Enum):
+    WAITING = auto()
+    RUNNING = auto()
+    FINISHED = auto()
+
+
+class Sequence:
+    def __init__(self, prompt_ids: list[int], params: SamplingParams) -> None:
+        assert prompt_ids, "empty prompt"
+        self.seq_id = next(_ids)
+        self.status = SeqStatus.WAITING
+        self.token_ids = list(prompt_ids)
+        self.num_prompt_tokens = len(prompt_ids)
+        self.params = params
+        self.block_table: list[int] = []
+        self.num_cached_tokens = 0  # leading tokens whose K/V are in the cache
+        self.logprobs: list[float] = []  # one per completion token
+        self.finish_reason: str | None = None
+        self.text = ""  # detokenized completion (kept by the engine for stop strings)
+        self.generator: torch.Generator | None = None
+        if params.seed is not None:
+            self.generator = torch.Generator().manual_seed(params.seed)
+
+    def __len__(self) -> int:
+        return len(self.token_ids)
+
+    @property
+    def completion_ids(self) -> list[int]:
+        return self.token_ids[self.num_prompt_tokens:]
+
+    @property
+    def num_completion_tokens(self) -> int:
+        return len(self.token_ids) - self.num_prompt_tokens
+
+    @property
+    def last_token(self) -> int:
+        return self.token_ids[-1]
+
+    @property
+    def is_finished(self) -> bool:
+        return self.status == SeqStatus.FINISHED
+
+    def append(self, token_id: int, logprob: float) -> None:
+        self.token_ids.append(token_id)
+        self.logprobs.append(logprob)
