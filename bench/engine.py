@@ -63,6 +63,7 @@ def run_engine_bench(cfg: EngineBenchConfig) -> dict[str, Any]:
                     "batch_sizes": cfg.batch_sizes}),
         ("engine_int8", {**base, "kind": "throughput", "backend": "engine",
                          "quantization": "int8", "batch_sizes": cfg.int8_batch_sizes}),
+        ("int8_accuracy", {**base, "kind": "int8_accuracy"}),
         ("prefix_shared", {**base, "kind": "prefix", "prefix_caching": True}),
         ("prefix_unshared", {**base, "kind": "prefix", "prefix_caching": False}),
     ]
@@ -105,6 +106,8 @@ def _ratios(r: dict[str, Any], bw_gb_s: float) -> dict[str, float]:
                 for b in q8 if b in eng})
     out["prefix_sharing_prefill_speedup"] = (r["prefix_unshared"]["prefill_s"]
                                              / r["prefix_shared"]["prefill_s"])
+    out["int8_top1_agreement_with_fp32"] = r["int8_accuracy"]["top1_agreement"]
+    out["int8_mean_kl_vs_fp32"] = r["int8_accuracy"]["mean_kl"]
     out["engine_vs_hf_peak_rss"] = r["engine"]["peak_rss_mb"] / r["hf"]["peak_rss_mb"]
     return out
 

@@ -7,11 +7,14 @@ import json
 import resource
 import sys
 import time
-from typing import Any
+from typing import Any, cast
 
 import torch
 
+from pice.kernels.paged_attention import build_metadata
 from pice.shared.engine.generator import EngineGenerator
+from pice.shared.engine.model_runner import quantize_int8
+from pice.shared.engine.models import CausalLM, build_model
 from pice.shared.hf_backend import HFGenerator
 from pice.shared.sampling import SamplingParams
 
@@ -90,11 +93,42 @@ def prefix(spec: dict[str, Any]) -> dict[str, Any]:
             "computed_tokens": gen.engine.stats["prefill_tokens"] - before}
 
 
+def int8_accuracy(spec: dict[str, Any]) -> dict[str, Any]:
+    """Teacher-forced on fp32 greedy continuations: how often int8's top-1 token agrees with
+    fp32's, and the mean KL(fp32 || int8) per position."""
+    fp32 = EngineGenerator(spec["model"], max_context=2048, kv_cache_gb=0.5)
+    prompts = distinct_prompts(fp32, 6)
+    outs = fp32.generate(prompts, SamplingParams(max_tokens=48, ignore_eos=True))
+    texts = [fp32.chat.encode(p) + o.token_ids for p, o in zip(prompts, outs, strict=True)]
+    q8 = quantize_int8(build_model(spec["model"]))
+    ref = fp32.engine.runner.model
+    agree = total = 0
+    kl_sum = 0.0
+    for ids in texts:
+        a, b = _logits(ref, ids), _logits(q8, ids)  # [seq, vocab]
+        agree += int((a.argmax(-1) == b.argmax(-1)).sum())
+        total += a.shape[0]
+        pa, pb = a.log_softmax(-1), b.log_softmax(-1)
+        kl_sum += float((pa.exp() * (pa - pb)).sum(-1).sum())
+    return {"top1_agreement": agree / total, "mean_kl": kl_sum / total, "positions": total}
+
+
+@torch.inference_mode()
+def _logits(model: torch.nn.Module, ids: list[int]) -> torch.Tensor:
+    """Logits at every position of one sequence (a fresh paged cache of one block per token)."""
+    m = cast(CausalLM, model)
+    shape = (len(ids), 1, m.num_kv_heads, m.head_dim)
+    caches = [(torch.zeros(shape), torch.zeros(shape)) for _ in range(m.num_layers)]
+    meta = build_metadata([list(range(len(ids)))], [len(ids)], [len(ids)], 1, torch.device("cpu"))
+    return m.compute_logits(m(torch.tensor(ids), caches, meta))
+
+
 def main() -> None:
     spec = json.loads(sys.argv[1])
     if spec.get("threads"):
         torch.set_num_threads(spec["threads"])
-    result = {"throughput": throughput, "prefix": prefix}[spec["kind"]](spec)
+    kinds = {"throughput": throughput, "prefix": prefix, "int8_accuracy": int8_accuracy}
+    result = kinds[spec["kind"]](spec)
     print(json.dumps(result))
 
 

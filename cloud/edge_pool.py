@@ -3,9 +3,9 @@ for now; the edge-agent transport plugs in behind the same `dispatch`."""
 
 from __future__ import annotations
 
-import asyncio
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
 
+from pice.shared.aio import iterate_in_thread
 from pice.shared.protocol import ExpansionResult, ExpansionTask
 from pice.shared.worker import ExpansionWorker
 
@@ -23,9 +23,9 @@ class EdgePool:
         assert self.workers, "dispatch with no edge worker"
         return min(self.workers, key=lambda w: w.inflight)
 
-    async def dispatch(self, tasks: list[ExpansionTask]) -> list[ExpansionResult]:
+    async def dispatch(self, tasks: list[ExpansionTask]) -> AsyncIterator[ExpansionResult]:
         """All points of one answer go to one worker as one batch (the batch is the unit of
-        semantic-level parallelism); results come back in point order."""
+        semantic-level parallelism); each result arrives as soon as its point is done."""
         worker = self.pick()
-        results = await asyncio.to_thread(worker.expand, tasks)
-        return sorted(results, key=lambda r: r.index)
+        async for result in iterate_in_thread(worker.expand_iter(tasks)):
+            yield result

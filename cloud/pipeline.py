@@ -17,8 +17,9 @@ from pice.cloud.sketcher import parse_sketch, sketch_messages
 from pice.scheduler.policy import Decision, PolicyConfig, QueryFeatures, decide
 from pice.shared.aio import iterate_in_thread
 from pice.shared.backend import Message, TextGenerator
-from pice.shared.protocol import ExpansionTask
+from pice.shared.protocol import ExpansionResult, ExpansionTask
 from pice.shared.sampling import SamplingParams
+from pice.shared.worker import CLOUD_WORKER_ID, ExpansionWorker
 
 log = logging.getLogger(__name__)
 
@@ -51,8 +52,10 @@ class _Clock:
 
 class Pipeline:
     def __init__(self, cloud: TextGenerator, edges: EdgePool, policy: PolicyConfig,
-                 metrics: Metrics) -> None:
+                 metrics: Metrics, cloud_worker: ExpansionWorker | None = None) -> None:
         self.cloud = cloud
+        # expands points on the cloud model when an edge fails mid-answer (None: answer in full)
+        self.cloud_worker = cloud_worker
         self.edges = edges
         self.policy = policy
         self.metrics = metrics
@@ -124,30 +127,43 @@ class Pipeline:
                                temperature=req.temperature, seed=req.seed)
                  for i in range(len(points))]
         t1 = time.perf_counter()
+        results: dict[int, ExpansionResult] = {}
+        reason = decision.reason
         try:
-            results = await self.edges.dispatch(tasks)
-        except Exception:  # a failed edge never loses the request: the cloud answers it
-            log.exception("request %s: edge expansion failed; answering in full", req.request_id)
+            async for r in self.edges.dispatch(tasks):
+                results[r.index] = r
+                clock.first_output()
+                yield _section(r)
+        except Exception as exc:  # a failed edge never loses the request
+            missing = [t for t in tasks if t.index not in results]
+            log.warning("request %s: edge failed (%s); %d points left", req.request_id, exc,
+                        len(missing))
             self.metrics.fallbacks.labels("edge failure").inc()
-            async for ev in self._cloud(req, "fallback: edge failure", clock,
-                                        {"sketch": sketch_s}, out.completion_tokens):
-                yield ev
-            return
+            if self.cloud_worker is None:
+                async for ev in self._cloud(req, "fallback: edge failure", clock,
+                                            {"sketch": sketch_s}, out.completion_tokens):
+                    yield ev
+                return
+            # the cloud expands the points the edge did not deliver; delivered ones stand
+            for r in await asyncio.to_thread(self.cloud_worker.expand, missing):
+                results[r.index] = r
+                clock.first_output()
+                yield _section(r)
+            reason = f"{reason}; edge failure: {len(missing)} points expanded in the cloud"
         expansion_s = clock.since(t1)
-        sections = [SectionEvent(r.index, r.text, r.worker, r.mean_logprob, r.tokens)
-                    for r in results]
-        for s in sections:
-            clock.first_output()
-            yield s
-        edge_tokens = sum(r.tokens for r in results)
+        ordered = [results[i] for i in range(len(points))]
+        sections = [_section(r) for r in ordered]
+        edge_tokens = sum(r.tokens for r in ordered if r.worker != CLOUD_WORKER_ID)
+        cloud_expansion_tokens = sum(r.tokens for r in ordered if r.worker == CLOUD_WORKER_ID)
         timings = {"sketch": sketch_s, "expansion": expansion_s, "total": clock.since(clock.start),
                    "ttft": clock.marks["ttft"]}
-        self._observe("progressive", req.endpoint, timings, out.completion_tokens, edge_tokens)
+        self._observe("progressive", req.endpoint, timings,
+                      out.completion_tokens + cloud_expansion_tokens, edge_tokens)
         yield DoneEvent(
-            text=aggregate(points, results), mode="progressive", reason=decision.reason,
+            text=aggregate(points, ordered), mode="progressive", reason=reason,
             sketch=points, timings=timings,
-            tokens={"prompt": out.prompt_tokens, "cloud": out.completion_tokens,
-                    "edge": edge_tokens},
+            tokens={"prompt": out.prompt_tokens,
+                    "cloud": out.completion_tokens + cloud_expansion_tokens, "edge": edge_tokens},
             finish_reason="stop", sections=sections,
         )
 
@@ -159,3 +175,6 @@ class Pipeline:
         self.metrics.tokens.labels("cloud").inc(cloud_tokens)
         self.metrics.tokens.labels("edge").inc(edge_tokens)
 
+
+def _section(r: ExpansionResult) -> SectionEvent:
+    return SectionEvent(r.index, r.text, r.worker, r.mean_logprob, r.tokens)

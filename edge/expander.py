@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import re
 import time
+from collections.abc import Iterator
 
 from pice.shared.backend import TextGenerator
 from pice.shared.protocol import ExpansionResult, ExpansionTask
@@ -59,8 +60,12 @@ class EdgeWorker:
         self.inflight = 0  # tasks currently running here (the dispatcher reads it)
 
     def expand(self, tasks: list[ExpansionTask]) -> list[ExpansionResult]:
+        return sorted(self.expand_iter(tasks), key=lambda r: r.index)
+
+    def expand_iter(self, tasks: list[ExpansionTask]) -> Iterator[ExpansionResult]:
+        """One batched generation; each point's result is yielded the moment it finishes."""
         if not tasks:
-            return []
+            return
         prompts = [self.generator.render_chat(expansion_messages(t), assistant_prefix(t))
                    for t in tasks]
         first = tasks[0]
@@ -69,17 +74,15 @@ class EdgeWorker:
         self.inflight += len(tasks)
         start = time.perf_counter()
         try:
-            outs = self.generator.generate(prompts, params)
+            for i, out in self.generator.generate_iter(prompts, params):
+                t = tasks[i]
+                yield ExpansionResult(
+                    request_id=t.request_id, index=t.index,
+                    text=f"{t.sketch[t.index]}: {clean_expansion(out.text)}".rstrip(": "),
+                    worker=self.worker_id, model=self.generator.name,
+                    tokens=out.completion_tokens, mean_logprob=out.mean_logprob,
+                    logprobs=out.logprobs, finish_reason=out.finish_reason,
+                    seconds=time.perf_counter() - start,
+                )
         finally:
             self.inflight -= len(tasks)
-        seconds = time.perf_counter() - start
-        return [
-            ExpansionResult(
-                request_id=t.request_id, index=t.index,
-                text=f"{t.sketch[t.index]}: {clean_expansion(o.text)}".rstrip(": "),
-                worker=self.worker_id, model=self.generator.name, tokens=o.completion_tokens,
-                mean_logprob=o.mean_logprob, logprobs=o.logprobs, finish_reason=o.finish_reason,
-                seconds=seconds,
-            )
-            for t, o in zip(tasks, outs, strict=True)
-        ]

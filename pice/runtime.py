@@ -17,6 +17,7 @@ from pice.shared.config import ServeSettings
 from pice.shared.engine.generator import EngineGenerator
 from pice.shared.hf_backend import HFGenerator
 from pice.shared.models import resolve_model
+from pice.shared.worker import CLOUD_WORKER_ID
 
 log = logging.getLogger(__name__)
 
@@ -50,4 +51,5 @@ def build_pipeline(settings: ServeSettings, metrics: Metrics, progress: bool = T
     policy = PolicyConfig(default_max_points=settings.default_max_points,
                           words_per_point=settings.words_per_point,
                           point_tokens=settings.point_tokens)
-    return Pipeline(cloud, EdgePool(workers), policy, metrics)
+    return Pipeline(cloud, EdgePool(workers), policy, metrics,
+                    cloud_worker=EdgeWorker(CLOUD_WORKER_ID, cloud))

@@ -32,6 +32,11 @@ class TextGenerator(Protocol):
         """All prompts as ONE batch; results in prompt order."""
         ...
 
+    def generate_iter(self, prompts: list[str],
+                      params: SamplingParams) -> Iterator[tuple[int, Completion]]:
+        """The same batch, yielding (prompt index, completion) as each one finishes."""
+        ...
+
     def stream(self, prompt: str, params: SamplingParams) -> Iterator[str]:
         """Text deltas as they are produced; the last item is followed by StopIteration."""
         ...

@@ -94,6 +94,10 @@ class HFGenerator(ChatBackedGenerator):
             ))
         return results
 
+    def generate_iter(self, prompts: list[str],
+                      params: SamplingParams) -> Iterator[tuple[int, Completion]]:
+        yield from enumerate(self.generate(prompts, params))  # one padded batch ends together
+
     def stream(self, prompt: str, params: SamplingParams) -> Iterator[str]:
         enc = self._encode([prompt], params.max_tokens)
         streamer = TextIteratorStreamer(self.tokenizer, skip_prompt=True, skip_special_tokens=True,

@@ -31,4 +31,4 @@ class ExpansionResult(BaseModel):
     mean_logprob: float  # mean per-token log-probability (ensemble selection uses it)
     logprobs: list[float] = Field(default_factory=list)  # per-token log-probabilities
     finish_reason: str  # "stop" (natural end) | "length" (hit max_tokens)
-    seconds: float  # wall time of the batch that produced it
+    seconds: float  # from the start of its batch until this point finished

@@ -42,8 +42,8 @@ def test_real_question_gets_a_sketch_and_every_point_expanded(real_server: LiveS
     points = events[0][1]["points"]
     assert 3 <= len(points) <= 4
     assert all(1 <= len(p.split()) <= 10 for p in points)
-    sections = [d for k, d in events if k == "section"]
-    assert [s["index"] for s in sections] == list(range(len(points)))
+    sections = sorted((d for k, d in events if k == "section"), key=lambda s: s["index"])
+    assert [s["index"] for s in sections] == list(range(len(points)))  # each point exactly once
     for point, section in zip(points, sections, strict=True):
         body_text = section["text"][len(point):].strip(" :")
         assert len(body_text.split()) >= 3, section["text"]  # a real expansion, not empty

@@ -82,13 +82,19 @@ def _chunk(rid: str, model: str, delta: dict[str, str], finish: str | None = Non
 async def _stream(pipeline: Pipeline, req: AnswerRequest, model: str) -> AsyncIterator[str]:
     rid = req.request_id
     yield _chunk(rid, model, {"role": "assistant", "content": ""})
+    pending: dict[int, SectionEvent] = {}  # sections arrive as they finish; text goes in order
+    next_index = 0
     try:
         async for ev in pipeline.run(req):
             if isinstance(ev, DeltaEvent):
                 yield _chunk(rid, model, {"content": ev.text})
             elif isinstance(ev, SectionEvent):
-                sep = "" if ev.index == 0 else "\n"
-                yield _chunk(rid, model, {"content": f"{sep}{ev.index + 1}. {ev.text}"})
+                pending[ev.index] = ev
+                while next_index in pending:
+                    s = pending.pop(next_index)
+                    sep = "" if s.index == 0 else "\n"
+                    yield _chunk(rid, model, {"content": f"{sep}{s.index + 1}. {s.text}"})
+                    next_index += 1
             elif isinstance(ev, DoneEvent):
                 yield _chunk(rid, model, {}, ev.finish_reason,
                              {"pice": report(ev).model_dump()})

@@ -8,7 +8,7 @@ import json
 import logging
 import queue
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -24,21 +24,27 @@ log = logging.getLogger(__name__)
 
 
 class _Handle:
-    def __init__(self, seq: Sequence) -> None:
+    def __init__(self, seq: Sequence, on_done: Callable[[], None] | None = None) -> None:
         self.seq = seq
         self.updates: queue.Queue[BaseException | None] = queue.Queue()  # None → progress
         self.done = threading.Event()
         self.error: BaseException | None = None
+        self.on_done = on_done
 
     def notify(self) -> None:
         if self.seq.is_finished:
-            self.done.set()
+            self._finish()
         self.updates.put(None)
 
     def fail(self, exc: BaseException) -> None:
         self.error = exc
-        self.done.set()
+        self._finish()
         self.updates.put(exc)
+
+    def _finish(self) -> None:
+        self.done.set()
+        if self.on_done is not None:
+            self.on_done()
 
 
 def _generation_eos(path: str) -> Any:
@@ -86,10 +92,12 @@ class EngineGenerator(ChatBackedGenerator):
         self.engine.add(handle.seq)
 
     # ---- callers' side ------------------------------------------------------------------------
-    def submit(self, prompt: str, params: SamplingParams) -> _Handle:
+    def submit(self, prompt: str, params: SamplingParams,
+               on_done: Callable[[], None] | None = None) -> _Handle:
         ids = self.chat.encode(prompt)
         self.chat.check_fits(len(ids), params.max_tokens)
-        handle = _Handle(self.engine.make_sequence(ids, params))  # admission errors raise here
+        seq = self.engine.make_sequence(ids, params)  # admission errors raise here
+        handle = _Handle(seq, on_done)
         self._inbox.put(handle)
         return handle
 
@@ -99,19 +107,28 @@ class EngineGenerator(ChatBackedGenerator):
             ids = ids[:-1]
         return trim_at_stop(self.chat.decode(ids), seq.params.stop)
 
+    def _completion(self, handle: _Handle) -> Completion:
+        if handle.error is not None:
+            raise handle.error
+        seq = handle.seq
+        return Completion(text=self._text(seq)[0], token_ids=seq.completion_ids,
+                          logprobs=list(seq.logprobs), prompt_tokens=seq.num_prompt_tokens,
+                          finish_reason=seq.finish_reason or "stop")
+
     def generate(self, prompts: list[str], params: SamplingParams) -> list[Completion]:
         handles = [self.submit(p, params) for p in prompts]
-        out = []
         for h in handles:
             h.done.wait()
-            if h.error is not None:
-                raise h.error
-            text, _ = self._text(h.seq)
-            out.append(Completion(text=text, token_ids=h.seq.completion_ids,
-                                  logprobs=list(h.seq.logprobs),
-                                  prompt_tokens=h.seq.num_prompt_tokens,
-                                  finish_reason=h.seq.finish_reason or "stop"))
-        return out
+        return [self._completion(h) for h in handles]
+
+    def generate_iter(self, prompts: list[str],
+                      params: SamplingParams) -> Iterator[tuple[int, Completion]]:
+        finished: queue.Queue[int] = queue.Queue()
+        handles = [self.submit(p, params, on_done=lambda i=i: finished.put(i))  # type: ignore[misc]
+                   for i, p in enumerate(prompts)]
+        for _ in handles:
+            i = finished.get()
+            yield i, self._completion(handles[i])
 
     def stream(self, prompt: str, params: SamplingParams) -> Iterator[str]:
         handle = self.submit(prompt, params)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Iterator
 from pathlib import Path
 
 from pice.cloud.edge_pool import EdgePool
@@ -13,13 +14,14 @@ from pice.edge.expander import EdgeWorker
 from pice.scheduler.policy import PolicyConfig
 from pice.shared.hf_backend import HFGenerator
 from pice.shared.protocol import ExpansionResult, ExpansionTask
+from pice.shared.worker import CLOUD_WORKER_ID
 from tests.conftest import SKETCH_QUESTIONS
 
 
 class DeadWorker(EdgeWorker):
     """An edge whose device dies mid-request (failure injection around a real worker)."""
 
-    def expand(self, tasks: list[ExpansionTask]) -> list[ExpansionResult]:
+    def expand_iter(self, tasks: list[ExpansionTask]) -> Iterator[ExpansionResult]:
         raise ConnectionError("edge device went away")
 
 
@@ -57,6 +59,30 @@ def test_dead_edge_falls_back_to_full_cloud(sketch_model_dir: Path) -> None:
     assert isinstance(done, DoneEvent)
     assert done.mode == "cloud" and done.reason == "fallback: edge failure"
     assert done.text  # the request was answered, not lost
+
+
+class DiesAfterOne(EdgeWorker):
+    """Delivers the first finished point, then the device goes away."""
+
+    def expand_iter(self, tasks: list[ExpansionTask]) -> Iterator[ExpansionResult]:
+        for result in super().expand_iter(tasks):
+            yield result
+            raise ConnectionError("edge device went away")
+
+
+def test_points_of_a_dead_edge_are_expanded_in_the_cloud(sketch_model_dir: Path) -> None:
+    gen = HFGenerator(str(sketch_model_dir), max_context=1024)
+    pipeline = Pipeline(gen, EdgePool([DiesAfterOne("e0", gen)]), PolicyConfig(), Metrics(),
+                        cloud_worker=EdgeWorker(CLOUD_WORKER_ID, gen))
+    events = run(pipeline, SKETCH_QUESTIONS[0], max_tokens=60)
+    sections = [e for e in events if isinstance(e, SectionEvent)]
+    assert sorted(s.index for s in sections) == [0, 1, 2]  # nothing lost, nothing twice
+    assert [s.worker for s in sections].count("e0") == 1
+    assert [s.worker for s in sections].count(CLOUD_WORKER_ID) == 2
+    done = events[-1]
+    assert isinstance(done, DoneEvent) and done.mode == "progressive"
+    assert done.reason.endswith("edge failure: 2 points expanded in the cloud")
+    assert done.text.startswith("1. Fixed sleep schedule")
 
 
 def test_progressive_sections_arrive_in_order(sketch_model_dir: Path) -> None:

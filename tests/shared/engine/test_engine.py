@@ -132,3 +132,22 @@ def test_admission_errors_are_clear(tiny_model_dir: Path, tmp_path: Path) -> Non
     (tmp_path / "m" / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(UnsupportedModelError, match="MambaForCausalLM"):
         EngineGenerator(str(tmp_path / "m"))
+
+
+@pytest.mark.real_model
+def test_packaged_edge_model_is_token_exact_against_transformers() -> None:
+    from pice.shared.models import DEFAULT_EDGE_MODEL, resolve_model
+
+    path = resolve_model(DEFAULT_EDGE_MODEL).path
+    ours = EngineGenerator(path, max_context=1024, kv_cache_gb=0.25)
+    questions = ["How do vaccines work?", "Write a Python function that reverses a string.",
+                 "What causes the seasons on Earth?", "Give three tips for saving money.",
+                 "Explain what a hash table is."]
+    prompts = [ours.render_chat([{"role": "user", "content": q}]) for q in questions]
+    params = SamplingParams(max_tokens=64, ignore_eos=True)
+    batched = ours.generate(prompts, params)  # all five in one continuous batch
+    ref = HFGenerator(path, max_context=1024)
+    for prompt, got in zip(prompts, batched, strict=True):
+        want = ref.generate([prompt], params)[0]
+        assert got.token_ids == want.token_ids
+        assert got.logprobs == pytest.approx(want.logprobs, abs=2e-3)
