@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import torch
+
 
 @dataclass
 class EngineConfig:
@@ -14,12 +16,16 @@ class EngineConfig:
     max_num_seqs: int = 32  # sequences per step
     max_num_batched_tokens: int = 4096  # tokens per step (prefill budget)
     max_model_len: int = 4096  # prompt + completion per sequence
-    dtype: str = "float32"  # float32 | bfloat16 | float16
+    dtype: str = "auto"  # auto (float32 on CPU, bfloat16 on CUDA) | float32 | bfloat16 | float16
     quantization: str | None = None  # None | "int8" (dynamic int8 linear layers, CPU)
     prefix_caching: bool = True
-    device: str = "cpu"
+    device: str = "auto"  # auto (cuda when present, else cpu) | cpu | cuda | cuda:N
 
     def __post_init__(self) -> None:
+        if self.device == "auto":
+            self.device = "cuda" if torch.cuda.is_available() else "cpu"
+        if self.dtype == "auto":
+            self.dtype = "float32" if self.device == "cpu" else "bfloat16"
         checks = [
             (self.block_size in (1, 2, 4, 8, 16, 32, 64, 128), "block_size must be a power of 2 "
              f"in [1, 128], got {self.block_size}"),
@@ -34,6 +40,8 @@ class EngineConfig:
              f"dtype must be float32, bfloat16 or float16, got {self.dtype!r}"),
             (self.quantization in (None, "int8"),
              f"quantization must be None or 'int8', got {self.quantization!r}"),
+            (self.quantization is None or self.device == "cpu",
+             f"int8 dynamic quantization runs on the CPU only, not on {self.device!r}"),
         ]
         for ok, message in checks:
             if not ok:

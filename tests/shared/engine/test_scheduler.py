@@ -1,6 +1,9 @@
 """The scheduler alone (no model): budgets, FCFS, preemption by recompute, nothing lost."""
 
+import re
+
 import pytest
+import torch
 
 from pice.shared.engine.block_manager import BlockManager
 from pice.shared.engine.scheduler import Scheduler
@@ -61,3 +64,26 @@ def test_admission_refuses_what_the_pool_cannot_hold() -> None:
     sched = Scheduler(BlockManager(2, 4), max_num_seqs=4, max_num_batched_tokens=64)
     with pytest.raises(AssertionError, match="admission"):
         sched.add(Sequence([1, 2, 3], SamplingParams(max_tokens=20)))
+
+
+@pytest.mark.parametrize(("kwargs", "needle"), [
+    ({"block_size": 3}, "block_size must be a power of 2 in [1, 128], got 3"),
+    ({"kv_cache_gb": 0}, "kv_cache_gb must be > 0, got 0"),
+    ({"max_num_seqs": 0}, "max_num_seqs must be >= 1, got 0"),
+    ({"max_num_batched_tokens": 16, "max_model_len": 32}, "must be >= max_model_len (32)"),
+    ({"dtype": "int4"}, "got 'int4'"),
+    ({"quantization": "fp8"}, "got 'fp8'"),
+])
+def test_engine_config_names_the_bad_value(kwargs: dict[str, object], needle: str) -> None:
+    from pice.shared.engine.config import EngineConfig
+
+    with pytest.raises(ValueError, match=re.escape(needle)):
+        EngineConfig(model="m", **kwargs)  # type: ignore[arg-type]
+
+
+def test_engine_config_picks_cpu_float32_here() -> None:
+    from pice.shared.engine.config import EngineConfig
+
+    cfg = EngineConfig(model="m")
+    if not torch.cuda.is_available():
+        assert (cfg.device, cfg.dtype) == ("cpu", "float32")
