@@ -12,23 +12,38 @@ _END = object()
 
 
 async def iterate_in_thread(make: Iterator[T]) -> AsyncIterator[T]:
+    """Items of `make` as they come. When the consumer stops early (a client disconnected), the
+    pump stops after the next item and closes `make`, so a generator can abort its work."""
     loop = asyncio.get_running_loop()
     queue: asyncio.Queue[object] = asyncio.Queue()
+    stop = threading.Event()
+
+    def put(item: object) -> None:
+        if not loop.is_closed():
+            loop.call_soon_threadsafe(queue.put_nowait, item)
 
     def pump() -> None:
         try:
             for item in make:
-                loop.call_soon_threadsafe(queue.put_nowait, item)
+                if stop.is_set():
+                    break
+                put(item)
         except BaseException as exc:  # re-raised in the consumer
-            loop.call_soon_threadsafe(queue.put_nowait, exc)
+            put(exc)
         finally:
-            loop.call_soon_threadsafe(queue.put_nowait, _END)
+            close = getattr(make, "close", None)
+            if close is not None:
+                close()
+            put(_END)
 
     threading.Thread(target=pump, daemon=True).start()
-    while True:
-        item = await queue.get()
-        if item is _END:
-            return
-        if isinstance(item, BaseException):
-            raise item
-        yield item  # type: ignore[misc]
+    try:
+        while True:
+            item = await queue.get()
+            if item is _END:
+                return
+            if isinstance(item, BaseException):
+                raise item
+            yield item  # type: ignore[misc]
+    finally:
+        stop.set()

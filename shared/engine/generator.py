@@ -63,6 +63,7 @@ class EngineGenerator(ChatBackedGenerator):
         self.engine = LLMEngine(cfg, self.chat.eos_ids, self.chat.decode)
         self.chat.max_context = self.engine.max_model_len
         self._inbox: queue.Queue[_Handle] = queue.Queue()
+        self._aborts: queue.Queue[_Handle] = queue.Queue()
         self._live: dict[int, _Handle] = {}
         threading.Thread(target=self._loop, name=f"engine-{self.name}", daemon=True).start()
 
@@ -73,6 +74,11 @@ class EngineGenerator(ChatBackedGenerator):
                 self._admit(self._inbox.get())  # idle: block until a request arrives
             while not self._inbox.empty():
                 self._admit(self._inbox.get_nowait())
+            while not self._aborts.empty():
+                handle = self._aborts.get_nowait()
+                if self._live.pop(handle.seq.seq_id, None) is not None:
+                    self.engine.abort(handle.seq)
+                    handle.notify()
             try:
                 stepped = self.engine.step()
             except Exception as exc:  # fail what was in flight, keep serving
@@ -131,15 +137,20 @@ class EngineGenerator(ChatBackedGenerator):
             yield i, self._completion(handles[i])
 
     def stream(self, prompt: str, params: SamplingParams) -> Iterator[str]:
+        """Text deltas; closing the iterator early (client gone) aborts the sequence."""
         handle = self.submit(prompt, params)
         emitted = ""
-        while True:
-            update = handle.updates.get()
-            if isinstance(update, BaseException):
-                raise update
-            text, _ = self._text(handle.seq)
-            if not text.endswith("\ufffd") and len(text) > len(emitted):  # whole characters only
-                yield text[len(emitted):]
-                emitted = text
-            if handle.done.is_set() and handle.updates.empty():
-                return
+        try:
+            while True:
+                update = handle.updates.get()
+                if isinstance(update, BaseException):
+                    raise update
+                text, _ = self._text(handle.seq)
+                if not text.endswith("\ufffd") and len(text) > len(emitted):  # whole chars only
+                    yield text[len(emitted):]
+                    emitted = text
+                if handle.done.is_set() and handle.updates.empty():
+                    return
+        finally:
+            if not handle.done.is_set():  # the loop is busy with it, so it sees this soon
+                self._aborts.put(handle)

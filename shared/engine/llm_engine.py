@@ -46,6 +46,10 @@ class LLMEngine:
     def add(self, seq: Sequence) -> None:
         self.scheduler.add(seq)
 
+    def abort(self, seq: Sequence) -> None:
+        """Stop a sequence nobody is waiting for any more (a client went away)."""
+        self.scheduler.finish(seq, "abort")
+
     @property
     def has_work(self) -> bool:
         return self.scheduler.has_work

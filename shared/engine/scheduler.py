@@ -84,7 +84,11 @@ class Scheduler:
         self.waiting.appendleft(seq)
 
     def finish(self, seq: Sequence, reason: str) -> None:
+        """Retire a sequence wherever it is (running, or waiting after a preemption)."""
+        if seq.is_finished:
+            return
+        queue = self.running if seq.status == SeqStatus.RUNNING else self.waiting
         seq.status = SeqStatus.FINISHED
         seq.finish_reason = reason
         self.blocks.deallocate(seq)
-        self.running.remove(seq)
+        queue.remove(seq)

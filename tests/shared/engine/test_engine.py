@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import shutil
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -151,3 +152,16 @@ def test_packaged_edge_model_is_token_exact_against_transformers() -> None:
         want = ref.generate([prompt], params)[0]
         assert got.token_ids == want.token_ids
         assert got.logprobs == pytest.approx(want.logprobs, abs=2e-3)
+
+
+def test_closing_a_stream_early_aborts_the_sequence(tiny_model_dir: Path) -> None:
+    gen = engine(tiny_model_dir)
+    stream = gen.stream(MIXED[0], SamplingParams(max_tokens=200, ignore_eos=True))
+    next(stream)
+    stream.close()  # the client went away after the first piece
+    deadline = time.monotonic() + 30
+    while gen.engine.has_work and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert not gen.engine.has_work
+    assert gen.engine.blocks.num_free == gen.engine.blocks.num_blocks  # its blocks came back
+    assert gen.engine.stats["decode_tokens"] < 150  # it did not run on to max_tokens
