@@ -53,7 +53,8 @@ class Row:
     mode: str  # requested
     ran: str  # what actually ran (a failed sketch falls back to cloud)
     latency: float  # seconds, request start → done
-    ttft: float  # seconds to first answer text
+    ttft: float  # seconds to first answer text (a section, or a full-cloud token)
+    sketch_s: float  # seconds until the sketch was ready (0 for full cloud)
     cloud_tokens: int
     edge_tokens: int
     auto_choice: str  # what the scheduler picks for this question in `auto` mode
@@ -91,7 +92,8 @@ async def _one(pipeline: Pipeline, q: dict[str, Any], mode: str, cfg: BenchConfi
     auto = decide(QueryFeatures(q["question"], "auto", cfg.max_tokens, cfg.max_points,
                                 pipeline.edges.available), pipeline.policy)
     return Row(q["id"], q["category"], q["suits_sketch"], mode, done.mode,
-               done.timings["total"], done.timings["ttft"], done.tokens["cloud"],
+               done.timings["total"], done.timings["ttft"], done.timings.get("sketch", 0.0),
+               done.tokens["cloud"],
                done.tokens["edge"], auto.mode, done.text)
 
 
@@ -103,6 +105,7 @@ def _summary(rows: list[Row], wall: dict[str, float]) -> dict[str, Any]:
             "latency_mean_s": statistics.fmean(r.latency for r in sel),
             "latency_p50_s": statistics.median(r.latency for r in sel),
             "ttft_mean_s": statistics.fmean(r.ttft for r in sel),
+            "sketch_mean_s": statistics.fmean(r.sketch_s for r in sel),
             "cloud_tokens_per_answer": statistics.fmean(r.cloud_tokens for r in sel),
             "edge_tokens_per_answer": statistics.fmean(r.edge_tokens for r in sel),
             "throughput_tok_s": tokens / seconds,

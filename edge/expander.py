@@ -42,10 +42,12 @@ _NEXT_POINT = re.compile(r"\n\s*(?:\d{1,2}[.)]|[-*•])\s|(?<=[.!?:])\s+\d{1,2}[
 _LEADING_NUMBER = re.compile(r"^\s*(?:\d{1,2}[.)]|[-*•])\s+")
 
 
-def clean_expansion(text: str) -> str:
-    """Keep the first paragraph of the point's own text: drop a leading "1. ", cut where the
-    model starts the next outline item."""
+def clean_expansion(text: str, point: str = "") -> str:
+    """Keep the first paragraph of the point's own text: drop a leading "1. " and a restated
+    point title, cut where the model starts the next outline item."""
     text = _LEADING_NUMBER.sub("", text.strip(), count=1)
+    if point and text.lower().startswith(point.lower()):
+        text = text[len(point):].lstrip(" :.-—")
     text = _NEXT_POINT.split(text, maxsplit=1)[0]
     return text.strip().split("\n\n", 1)[0].strip()
 
@@ -70,7 +72,7 @@ class EdgeWorker:
                    for t in tasks]
         first = tasks[0]
         params = SamplingParams(max_tokens=max(t.max_tokens for t in tasks),
-                                temperature=first.temperature, seed=first.seed, stop=("\n\n",))
+                                temperature=first.temperature, seed=first.seed, stop=("\n",))
         self.inflight += len(tasks)
         start = time.perf_counter()
         try:
@@ -78,7 +80,8 @@ class EdgeWorker:
                 t = tasks[i]
                 yield ExpansionResult(
                     request_id=t.request_id, index=t.index,
-                    text=f"{t.sketch[t.index]}: {clean_expansion(out.text)}".rstrip(": "),
+                    text=f"{t.sketch[t.index]}: {clean_expansion(out.text, t.sketch[t.index])}"
+                    .rstrip(": "),
                     worker=self.worker_id, model=self.generator.name,
                     tokens=out.completion_tokens, mean_logprob=out.mean_logprob,
                     logprobs=out.logprobs, finish_reason=out.finish_reason,

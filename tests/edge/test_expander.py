@@ -54,3 +54,8 @@ def test_prompts_share_a_prefix_and_name_their_point() -> None:
 ])
 def test_clean_expansion(raw: str, clean: str) -> None:
     assert clean_expansion(raw) == clean
+
+
+def test_clean_expansion_drops_a_restated_point() -> None:
+    assert clean_expansion("Dark room: keep it dark.", "Dark room") == "keep it dark."
+    assert clean_expansion("Keep it dark.", "Dark room") == "Keep it dark."
