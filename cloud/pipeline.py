@@ -68,8 +68,10 @@ class Pipeline:
 
     async def run(self, req: AnswerRequest) -> AsyncIterator[Event]:
         question = next(m["content"] for m in reversed(req.messages) if m["role"] == "user")
+        prompt_tokens = self.cloud.count_tokens(self.cloud.render_chat(req.messages))
         decision = decide(QueryFeatures(question, req.mode, req.max_tokens, req.max_points,
-                                        self.edges.available), self.policy)
+                                        self.edges.available, prompt_tokens,
+                                        self.cloud.max_context), self.policy)
         clock = _Clock()
         if decision.mode == "progressive":
             async for ev in self._progressive(req, question, decision, clock):

@@ -19,6 +19,8 @@ class QueryFeatures:
     max_tokens: int  # client's cap on the whole answer
     max_points: int | None  # client's cap on sketch points (None → policy default)
     edge_workers: int  # edge workers able to take work now
+    prompt_tokens: int = 0  # tokens of the conversation as the cloud model sees it (0: unknown)
+    max_context: int = 0  # the models' context limit (0: unknown)
 
 
 @dataclass(frozen=True)
@@ -27,6 +29,7 @@ class PolicyConfig:
     words_per_point: int = 5
     point_tokens: int = 64  # edge tokens per point
     min_answer_tokens: int = 48  # below this a sketch cannot pay for itself
+    prompt_overhead_tokens: int = 160  # sketch/expansion instructions around the question
 
     def __post_init__(self) -> None:
         if not 1 <= self.default_max_points <= 10:
@@ -65,5 +68,9 @@ def decide(q: QueryFeatures, cfg: PolicyConfig) -> Decision:
     # Each point's expansion shares the client's budget; the sketch is a few words per point.
     point_tokens = max(8, min(cfg.point_tokens, q.max_tokens // max(points, 1)))
     sketch_tokens = 8 + points * (cfg.words_per_point * 2 + 4)
+    # an expansion prompt holds the question, the instructions and the whole sketch
+    needed = q.prompt_tokens + cfg.prompt_overhead_tokens + sketch_tokens + point_tokens
+    if q.max_context and needed > q.max_context:
+        return Decision("cloud", f"prompt too long to sketch ({needed} > {q.max_context} tokens)")
     reason = "requested" if q.requested_mode == "progressive" else "question suits a sketch"
     return Decision("progressive", reason, points, cfg.words_per_point, sketch_tokens, point_tokens)

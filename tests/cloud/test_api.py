@@ -142,3 +142,27 @@ def test_openai_client_sees_bad_request(server: LiveServer) -> None:
 
 def test_unknown_route_is_404(server: LiveServer) -> None:
     assert httpx.get(f"{server.url}/v1/nothing").status_code == 404
+
+
+def test_concurrent_requests_all_complete(server: LiveServer) -> None:
+    """Progressive and cloud requests at once share the engine's steps; none is lost."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    def progressive(q: str) -> dict:
+        r = httpx.post(f"{server.url}/v1/progressive", timeout=120,
+                       json={"question": q, "max_tokens": 60, "stream": False})
+        assert r.status_code == 200, r.text
+        return r.json()
+
+    def cloud(_: str) -> str:
+        return client(server).chat.completions.create(
+            model="pice", messages=[{"role": "user", "content": "Hello there"}], max_tokens=10,
+            extra_body={"pice": {"mode": "cloud"}}).choices[0].message.content or ""
+
+    with ThreadPoolExecutor(6) as pool:
+        prog = [pool.submit(progressive, q) for q in SKETCH_QUESTIONS * 2]
+        plain = [pool.submit(cloud, "") for _ in range(2)]
+        bodies = [f.result(timeout=180) for f in prog]
+        texts = [f.result(timeout=180) for f in plain]
+    assert all(b["mode"] == "progressive" and len(b["sections"]) == 3 for b in bodies)
+    assert texts[0] == texts[1]  # greedy: concurrency does not change an answer

@@ -11,8 +11,9 @@ QUESTIONS = Path(__file__).resolve().parents[2] / "bench" / "questions.jsonl"
 
 
 def q(text: str = "How can I sleep better?", mode: str = "auto", max_tokens: int = 512,
-      max_points: int | None = None, edges: int = 1) -> QueryFeatures:
-    return QueryFeatures(text, mode, max_tokens, max_points, edges)
+      max_points: int | None = None, edges: int = 1, prompt_tokens: int = 0,
+      max_context: int = 0) -> QueryFeatures:
+    return QueryFeatures(text, mode, max_tokens, max_points, edges, prompt_tokens, max_context)
 
 
 @pytest.mark.parametrize(("features", "mode", "reason_part"), [
@@ -25,6 +26,8 @@ def q(text: str = "How can I sleep better?", mode: str = "auto", max_tokens: int
     (q("Write a short poem about autumn."), "cloud", "creative"),
     (q("Estimate how many piano tuners work in Chicago."), "cloud", "fermi"),
     (q(max_tokens=16), "cloud", "too small"),
+    (q(mode="progressive", prompt_tokens=3900, max_context=4096), "cloud", "prompt too long"),
+    (q(mode="progressive", prompt_tokens=300, max_context=4096), "progressive", "requested"),
 ])
 def test_decide(features: QueryFeatures, mode: str, reason_part: str) -> None:
     d = decide(features, CFG)
