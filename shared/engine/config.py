@@ -19,6 +19,7 @@ class EngineConfig:
     dtype: str = "auto"  # auto (float32 on CPU, bfloat16 on CUDA) | float32 | bfloat16 | float16
     quantization: str | None = None  # None | "int8" (dynamic int8 linear layers, CPU)
     prefix_caching: bool = True
+    cpu_kernels: bool = True  # fp32 CPU decode through pice's AVX2 linear kernel (if it builds)
     device: str = "auto"  # auto (cuda when present, else cpu) | cpu | cuda | cuda:N
 
     def __post_init__(self) -> None:

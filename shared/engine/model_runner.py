@@ -7,6 +7,7 @@ from typing import cast
 
 import torch
 
+from pice.kernels.cpu_linear import use_cpu_kernels
 from pice.kernels.paged_attention import build_metadata
 from pice.shared.engine.config import EngineConfig
 from pice.shared.engine.models import CausalLM, build_model
@@ -40,6 +41,8 @@ class ModelRunner:
         self.model = build_model(cfg.model, dtype=self.dtype, device=self.device)
         if cfg.quantization == "int8":
             self.model = cast(CausalLM, quantize_int8(self.model))
+        elif cfg.cpu_kernels and self.device.type == "cpu" and self.dtype == torch.float32:
+            use_cpu_kernels(self.model)
         m = self.model
         per_block = 2 * m.num_layers * cfg.block_size * m.num_kv_heads * m.head_dim * \
             self.dtype.itemsize
