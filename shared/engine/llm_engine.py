@@ -86,8 +86,10 @@ class LLMEngine:
                 token in seq.params.stop_token_ids:
             return "stop"
         if seq.params.stop:
-            seq.text = self.decode(seq.completion_ids)
-            if trim_at_stop(seq.text, seq.params.stop)[1]:
+            # A stop string completed by this token lies within the last few tokens (each
+            # decodes to >= 1 character), so only that tail is decoded: O(1) per step.
+            tail = 2 * max(len(s) for s in seq.params.stop) + 8
+            if trim_at_stop(self.decode(seq.completion_ids[-tail:]), seq.params.stop)[1]:
                 return "stop"
         if seq.num_completion_tokens >= seq.params.max_tokens or len(seq) >= self.max_model_len:
             return "length"

@@ -30,7 +30,6 @@ class Sequence:
         self.num_cached_tokens = 0  # leading tokens whose K/V are in the cache
         self.logprobs: list[float] = []  # one per completion token
         self.finish_reason: str | None = None
-        self.text = ""  # detokenized completion (kept by the engine for stop strings)
         self.generator: torch.Generator | None = None
         if params.seed is not None:
             self.generator = torch.Generator().manual_seed(params.seed)
