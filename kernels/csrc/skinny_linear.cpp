@@ -1,6 +1,7 @@
 // Skinny fp32 linear for decode on x86 CPUs (AVX2 + FMA): y[M, N] = x[M, K] @ w[N, K]^T for
 // small M. Each thread streams its share of weight rows once and applies every row of x to them
 // (x stays in L1/L2), which is what a decode step needs: the weights are read once per step.
+// Rows of x go in blocks of up to 6 (templated so the 2 x MR accumulators stay in registers).
 #include <torch/extension.h>
 #include <immintrin.h>
 #include <algorithm>
@@ -8,6 +9,27 @@ static inline float hsum(__m256 v) {
   __m128 lo = _mm256_castps256_ps128(v), hi = _mm256_extractf128_ps(v, 1);
   lo = _mm_add_ps(lo, hi); __m128 sh = _mm_movehdup_ps(lo); __m128 s = _mm_add_ps(lo, sh);
   sh = _mm_movehl_ps(sh, s); s = _mm_add_ss(s, sh); return _mm_cvtss_f32(s);
+}
+template <int MR>
+static inline void rows_block(const float* xp, const float* w0, const float* w1, bool two,
+                             int64_t K, int64_t K8, float* yp, int64_t N, int64_t n) {
+  __m256 a0[MR], a1[MR];
+  for (int r = 0; r < MR; r++) { a0[r] = _mm256_setzero_ps(); a1[r] = _mm256_setzero_ps(); }
+  for (int64_t k = 0; k < K8; k += 8) {
+    const __m256 v0 = _mm256_loadu_ps(w0 + k), v1 = _mm256_loadu_ps(w1 + k);
+    for (int r = 0; r < MR; r++) {
+      const __m256 xv = _mm256_loadu_ps(xp + r * K + k);
+      a0[r] = _mm256_fmadd_ps(v0, xv, a0[r]);
+      a1[r] = _mm256_fmadd_ps(v1, xv, a1[r]);
+    }
+  }
+  for (int r = 0; r < MR; r++) {
+    float s0 = hsum(a0[r]), s1 = hsum(a1[r]);
+    const float* xr = xp + r * K;
+    for (int64_t k = K8; k < K; k++) { s0 += w0[k] * xr[k]; s1 += w1[k] * xr[k]; }
+    yp[r * N + n] = s0;
+    if (two) yp[r * N + n + 1] = s1;
+  }
 }
 torch::Tensor skinny_linear(torch::Tensor x, torch::Tensor w) {
   TORCH_CHECK(x.dtype() == torch::kFloat32 && w.dtype() == torch::kFloat32, "fp32 only");
@@ -21,28 +43,19 @@ torch::Tensor skinny_linear(torch::Tensor x, torch::Tensor w) {
   for (int64_t n = 0; n < N; n += 2) {  // two weight rows per iteration share each x load
     const bool two = n + 1 < N;
     const float* w0 = wp + n * K; const float* w1 = two ? w0 + K : w0;
-    for (int64_t m0 = 0; m0 < M; m0 += 4) {  // 4 rows of x per pass: 8 accumulators
-      const int64_t mr = std::min<int64_t>(4, M - m0);
-      __m256 a0[4], a1[4];
-      for (int r = 0; r < 4; r++) { a0[r] = _mm256_setzero_ps(); a1[r] = _mm256_setzero_ps(); }
-      for (int64_t k = 0; k < K8; k += 8) {
-        __m256 v0 = _mm256_loadu_ps(w0 + k), v1 = _mm256_loadu_ps(w1 + k);
-        for (int r = 0; r < mr; r++) {
-          __m256 xv = _mm256_loadu_ps(xp + (m0 + r) * K + k);
-          a0[r] = _mm256_fmadd_ps(v0, xv, a0[r]); a1[r] = _mm256_fmadd_ps(v1, xv, a1[r]);
-        }
-      }
-      for (int r = 0; r < mr; r++) {
-        float s0 = hsum(a0[r]), s1 = hsum(a1[r]);
-        const float* xr = xp + (m0 + r) * K;
-        for (int64_t k = K8; k < K; k++) { s0 += w0[k] * xr[k]; s1 += w1[k] * xr[k]; }
-        yp[(m0 + r) * N + n] = s0; if (two) yp[(m0 + r) * N + n + 1] = s1;
-      }
+    int64_t m0 = 0;
+    for (; m0 + 6 <= M; m0 += 6) rows_block<6>(xp + m0 * K, w0, w1, two, K, K8, yp + m0 * N, N, n);
+    switch (M - m0) {
+      case 5: rows_block<5>(xp + m0 * K, w0, w1, two, K, K8, yp + m0 * N, N, n); break;
+      case 4: rows_block<4>(xp + m0 * K, w0, w1, two, K, K8, yp + m0 * N, N, n); break;
+      case 3: rows_block<3>(xp + m0 * K, w0, w1, two, K, K8, yp + m0 * N, N, n); break;
+      case 2: rows_block<2>(xp + m0 * K, w0, w1, two, K, K8, yp + m0 * N, N, n); break;
+      case 1: rows_block<1>(xp + m0 * K, w0, w1, two, K, K8, yp + m0 * N, N, n); break;
+      default: break;
     }
   }
   return y;
 }
-
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("skinny_linear", &skinny_linear, "y = x @ w.T for few-row fp32 x (AVX2/FMA)");
 }
