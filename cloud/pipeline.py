@@ -36,6 +36,7 @@ class AnswerRequest:
     seed: int | None = None
     stop: tuple[str, ...] = ()
     endpoint: str = "chat"
+    prompt_tokens: int | None = None  # filled in once by Pipeline.prompt_tokens
 
 
 @dataclass
@@ -60,15 +61,20 @@ class Pipeline:
         self.policy = policy
         self.metrics = metrics
 
+    def prompt_tokens(self, req: AnswerRequest) -> int:
+        """Tokens of the conversation as the cloud model sees it (counted once per request)."""
+        if req.prompt_tokens is None:
+            req.prompt_tokens = self.cloud.count_tokens(self.cloud.render_chat(req.messages))
+        return req.prompt_tokens
+
     def validate(self, req: AnswerRequest) -> None:
         """Admission: raise a 4xx error now rather than inside a stream."""
-        prompt = self.cloud.render_chat(req.messages)
-        self.cloud.check_fits(self.cloud.count_tokens(prompt), req.max_tokens)
+        self.cloud.check_fits(self.prompt_tokens(req), req.max_tokens)
         SamplingParams(max_tokens=req.max_tokens, temperature=req.temperature, top_p=req.top_p)
 
     async def run(self, req: AnswerRequest) -> AsyncIterator[Event]:
         question = next(m["content"] for m in reversed(req.messages) if m["role"] == "user")
-        prompt_tokens = self.cloud.count_tokens(self.cloud.render_chat(req.messages))
+        prompt_tokens = self.prompt_tokens(req)
         decision = decide(QueryFeatures(question, req.mode, req.max_tokens, req.max_points,
                                         self.edges.available, prompt_tokens,
                                         self.cloud.max_context), self.policy)
@@ -100,7 +106,7 @@ class Pipeline:
         self._observe("cloud", req.endpoint, timings, cloud_tokens=out_tokens + sketch_tokens)
         yield DoneEvent(
             text=text, mode="cloud", reason=reason, sketch=[], timings=timings,
-            tokens={"prompt": self.cloud.count_tokens(prompt),
+            tokens={"prompt": self.prompt_tokens(req),
                     "cloud": out_tokens + sketch_tokens, "edge": 0},
             finish_reason="length" if out_tokens >= req.max_tokens else "stop",
         )

@@ -6,7 +6,7 @@ cache is owned by the engine and passed in as one (k, v) pair per layer."""
 
 from __future__ import annotations
 
-from typing import Any, ClassVar
+from typing import Any, ClassVar, cast
 
 import torch
 from torch import nn
@@ -22,7 +22,10 @@ class CausalLM(nn.Module):
 
     # HF leaf names that live inside one fused nn.Linear of ours, e.g. "q_proj" -> ("qkv_proj", 0);
     # the weight loader copies each into its row slice (sizes from `fused_sizes` of the owner).
-    fused_weights: ClassVar[dict[str, tuple[str, int]]] = {}
+    fused_weights: ClassVar[dict[str, tuple[str, int]]] = {
+        "q_proj": ("qkv_proj", 0), "k_proj": ("qkv_proj", 1), "v_proj": ("qkv_proj", 2),
+        "gate_proj": ("gate_up_proj", 0), "up_proj": ("gate_up_proj", 1),
+    }
 
     num_layers: int
     num_kv_heads: int
@@ -31,6 +34,8 @@ class CausalLM(nn.Module):
     max_position_embeddings: int
     sliding_windows: list[int | None]  # per layer; None = global attention
     tie_word_embeddings: bool
+    model: nn.Module  # the decoder trunk: embed_tokens, layers, norm
+    lm_head: nn.Linear
 
     def forward(self, input_ids: torch.Tensor, kv_caches: list[KVCache],
                 meta: AttentionMetadata) -> torch.Tensor:
@@ -41,8 +46,21 @@ class CausalLM(nn.Module):
         """hidden: [n, hidden] -> float32 logits [n, vocab]."""
         raise NotImplementedError
 
+    def set_shape(self, config: Any, tie_default: bool) -> None:
+        """The shape attributes every architecture reads the same way from its HF config."""
+        self.num_layers = int(config.num_hidden_layers)
+        self.num_kv_heads = int(config.num_key_value_heads)
+        self.head_dim = head_dim_of(config)
+        self.vocab_size = int(config.vocab_size)
+        self.max_position_embeddings = int(config.max_position_embeddings)
+        self.sliding_windows = sliding_windows_of(config)
+        self.tie_word_embeddings = bool(getattr(config, "tie_word_embeddings", tie_default))
+
     def tie_weights(self) -> None:
         """Share the input embedding with the LM head (when the config ties them)."""
+        if self.tie_word_embeddings:
+            embed = cast(nn.Embedding, self.model.get_submodule("embed_tokens"))
+            self.lm_head.weight = embed.weight
 
 
 def head_dim_of(config: Any) -> int:

@@ -11,7 +11,7 @@ Differences from Llama, all mirrored from transformers' modeling_gemma3:
 
 from __future__ import annotations
 
-from typing import Any, ClassVar
+from typing import Any
 
 import torch
 from torch import nn
@@ -22,7 +22,6 @@ from pice.shared.engine.models.base import (
     KVCache,
     head_dim_of,
     rope_params_of,
-    sliding_windows_of,
 )
 from pice.shared.engine.models.layers import Attention, GatedMLP, GemmaRMSNorm
 from pice.shared.engine.models.rope import RotaryCache, inv_freq_of
@@ -61,10 +60,7 @@ class Gemma3Model(nn.Module):
 
 
 class Gemma3ForCausalLM(CausalLM):
-    fused_weights: ClassVar[dict[str, tuple[str, int]]] = {
-        "q_proj": ("qkv_proj", 0), "k_proj": ("qkv_proj", 1), "v_proj": ("qkv_proj", 2),
-        "gate_proj": ("gate_up_proj", 0), "up_proj": ("gate_up_proj", 1),
-    }
+    model: Gemma3Model
 
     def __init__(self, config: Any) -> None:
         super().__init__()
@@ -72,13 +68,7 @@ class Gemma3ForCausalLM(CausalLM):
             raise UnsupportedModelError("bidirectional Gemma 3 (embedding models) is unsupported")
         if getattr(config, "attn_logit_softcapping", None) is not None:
             raise UnsupportedModelError("attention logit soft-capping is not supported")
-        self.num_layers = int(config.num_hidden_layers)
-        self.num_kv_heads = int(config.num_key_value_heads)
-        self.head_dim = head_dim_of(config)
-        self.vocab_size = int(config.vocab_size)
-        self.max_position_embeddings = int(config.max_position_embeddings)
-        self.sliding_windows = sliding_windows_of(config)
-        self.tie_word_embeddings = bool(getattr(config, "tie_word_embeddings", True))
+        self.set_shape(config, tie_default=True)
         cap = getattr(config, "final_logit_softcapping", None)
         self.final_logit_softcapping: float | None = None if cap is None else float(cap)
         self.hidden_size = int(config.hidden_size)
@@ -91,10 +81,6 @@ class Gemma3ForCausalLM(CausalLM):
         self.rotaries = [RotaryCache(inv_freq_of(rope_params_of(config, t), self.head_dim,
                                                  self.max_position_embeddings)) for t in types]
         self.rope_index = [types.index(k) for k in kinds]
-
-    def tie_weights(self) -> None:
-        if self.tie_word_embeddings:
-            self.lm_head.weight = self.model.embed_tokens.weight
 
     def forward(self, input_ids: torch.Tensor, kv_caches: list[KVCache],
                 meta: AttentionMetadata) -> torch.Tensor:

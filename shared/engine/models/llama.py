@@ -5,7 +5,7 @@ Llama takes `attention_bias` (q/k/v/o) and `mlp_bias` from its config, plus llam
 
 from __future__ import annotations
 
-from typing import Any, ClassVar
+from typing import Any
 
 import torch
 from torch import nn
@@ -16,7 +16,6 @@ from pice.shared.engine.models.base import (
     KVCache,
     head_dim_of,
     rope_params_of,
-    sliding_windows_of,
 )
 from pice.shared.engine.models.layers import Attention, GatedMLP, RMSNorm
 from pice.shared.engine.models.rope import RotaryCache, inv_freq_of
@@ -55,21 +54,12 @@ class LlamaModel(nn.Module):
 class LlamaForCausalLM(CausalLM):
     """LlamaForCausalLM; subclasses change only the bias flags (see Qwen2ForCausalLM)."""
 
-    fused_weights: ClassVar[dict[str, tuple[str, int]]] = {
-        "q_proj": ("qkv_proj", 0), "k_proj": ("qkv_proj", 1), "v_proj": ("qkv_proj", 2),
-        "gate_proj": ("gate_up_proj", 0), "up_proj": ("gate_up_proj", 1),
-    }
+    model: LlamaModel
 
     def __init__(self, config: Any) -> None:
         super().__init__()
         qkv_bias, o_bias, mlp_bias = self.bias_flags(config)
-        self.num_layers = int(config.num_hidden_layers)
-        self.num_kv_heads = int(config.num_key_value_heads)
-        self.head_dim = head_dim_of(config)
-        self.vocab_size = int(config.vocab_size)
-        self.max_position_embeddings = int(config.max_position_embeddings)
-        self.sliding_windows = sliding_windows_of(config)
-        self.tie_word_embeddings = bool(getattr(config, "tie_word_embeddings", False))
+        self.set_shape(config, tie_default=False)
         self.model = LlamaModel(config, self.sliding_windows, qkv_bias, o_bias, mlp_bias)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         inv_freq = inv_freq_of(rope_params_of(config), self.head_dim, self.max_position_embeddings)
@@ -80,10 +70,6 @@ class LlamaForCausalLM(CausalLM):
         """(q/k/v bias, o bias, MLP bias)."""
         attn = bool(getattr(config, "attention_bias", False))
         return attn, attn, bool(getattr(config, "mlp_bias", False))
-
-    def tie_weights(self) -> None:
-        if self.tie_word_embeddings:
-            self.lm_head.weight = self.model.embed_tokens.weight
 
     def forward(self, input_ids: torch.Tensor, kv_caches: list[KVCache],
                 meta: AttentionMetadata) -> torch.Tensor:
