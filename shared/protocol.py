@@ -17,6 +17,8 @@ class ExpansionTask(BaseModel):
     temperature: float = Field(0.0, ge=0.0, le=2.0)  # 0 → greedy
     seed: int | None = None  # sampling seed, when the client gave one
     adapter: str | None = None  # LoRA adapter to apply (None → base model)
+    model: str | None = None  # model spec that must run it (None → any edge model)
+    candidate: int = Field(0, ge=0)  # ensemble candidate number for this point (0 → first)
 
 
 class ExpansionResult(BaseModel):
@@ -24,6 +26,8 @@ class ExpansionResult(BaseModel):
 
     request_id: str  # echoes ExpansionTask.request_id
     index: int  # echoes ExpansionTask.index
+    candidate: int = 0  # echoes ExpansionTask.candidate
+    adapter: str | None = None  # LoRA adapter that was applied (None → base model)
     text: str  # the expanded point (1–2 sentences), without the number
     worker: str  # id of the edge worker that produced it
     model: str  # model spec the worker ran
