@@ -49,3 +49,27 @@ class NotReadyError(PiceError):
     """Models are still loading."""
 
     status_code = 503
+
+
+class AuthenticationError(PiceError):
+    """API keys are configured and the request's key is missing or unknown."""
+
+    status_code = 401
+
+
+class ForbiddenError(PiceError):
+    """The caller may see the resource but not change it (e.g. another tenant's public adapter)."""
+
+    status_code = 403
+
+
+class ConflictError(PiceError):
+    """The resource already exists (e.g. an adapter name taken by the same tenant)."""
+
+    status_code = 409
+
+
+class PayloadTooLargeError(PiceError):
+    """An uploaded file is over the configured size limit."""
+
+    status_code = 413
