@@ -31,6 +31,14 @@ class ServeSettings(BaseSettings):
     default_max_points: int = Field(6, ge=1, le=10)
     words_per_point: int = Field(5, ge=1, le=20)
     point_tokens: int = Field(64, ge=8, le=1024)  # edge budget per point
+    # tenants: JSON {"tenants": {name: ["sha256:<hex of the key>", ...]}}; None → open, one
+    # tenant "default" (no key needed)
+    api_keys_file: Path | None = None
+    state_dir: Path | None = None  # adapter catalog + stored adapters; None → <cache>/state
+    adapter_import_dirs: list[Path] = Field(default_factory=list)  # roots a tenant may register
+    adapter_upload_mb: int = Field(512, ge=1, le=65536)  # per uploaded file
+    aas_threshold: float = Field(0.35, ge=-1.0, le=1.0)  # below it AAS picks no adapter
+    aas_margin: float = Field(0.03, ge=0.0, le=1.0)  # near-tie: prefer a resident adapter
 
     @field_validator("edge_models")
     @classmethod
