@@ -73,3 +73,7 @@ class PayloadTooLargeError(PiceError):
     """An uploaded file is over the configured size limit."""
 
     status_code = 413
+
+
+class WireFormatError(BadRequestError):
+    """An edge-agent frame is over the size cap or does not match its message schema."""

@@ -3,7 +3,11 @@ commented; in-process workers exchange the same objects the network transport wi
 
 from __future__ import annotations
 
-from pydantic import BaseModel, Field
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
+
+from pice.shared.errors import WireFormatError
 
 
 class ExpansionTask(BaseModel):
@@ -36,3 +40,147 @@ class ExpansionResult(BaseModel):
     logprobs: list[float] = Field(default_factory=list)  # per-token log-probabilities
     finish_reason: str  # "stop" (natural end) | "length" (hit max_tokens)
     seconds: float  # from the start of its batch until this point finished
+
+
+# ─── Edge agent ↔ cloud hub (WebSocket) ──────────────────────────────────────────────────────
+# The agent dials the hub and presents its token in the handshake; then every frame is one JSON
+# text object below, size-capped and validated on receipt (never pickle). "agent →" frames
+# renew the agent's lease; a lease that runs out declares the agent dead.
+
+AGENT_PROTOCOL_VERSION = 1
+MAX_FRAME_BYTES = 4 * 1024 * 1024  # larger frames are refused and the connection closed
+_EDGE_ID = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"
+
+
+class AgentRegister(BaseModel):
+    """Agent → hub, the first frame: what this edge offers."""
+
+    model_config = ConfigDict(extra="forbid")
+    type: Literal["register"] = "register"
+    version: int = AGENT_PROTOCOL_VERSION  # must equal the hub's AGENT_PROTOCOL_VERSION
+    edge_id: str = Field(pattern=_EDGE_ID)  # must match the edge its token was issued to
+    models: list[str] = Field(min_length=1, max_length=16)  # model specs it runs
+    adapters: list[str] = Field(default_factory=list, max_length=4096)  # LoRA adapters it serves
+    slots: int = Field(ge=1, le=4096)  # points it runs at once (the hub never sends more)
+    tokens_per_s: float = Field(0.0, ge=0.0)  # decode rate of one stream, measured at start
+
+
+class HubWelcome(BaseModel):
+    """Hub → agent: registration accepted; keep the lease with heartbeats."""
+
+    model_config = ConfigDict(extra="forbid")
+    type: Literal["welcome"] = "welcome"
+    heartbeat_s: float = Field(gt=0)  # send a heartbeat at least this often
+    lease_s: float = Field(gt=0)  # silence this long → declared dead, work moved elsewhere
+
+
+class AgentHeartbeat(BaseModel):
+    """Agent → hub, every heartbeat_s."""
+
+    model_config = ConfigDict(extra="forbid")
+    type: Literal["heartbeat"] = "heartbeat"
+    inflight: int = Field(0, ge=0)  # points running on the agent now
+    tokens_per_s: float = Field(0.0, ge=0.0)  # latest measured decode rate of one stream
+
+
+class HubPing(BaseModel):
+    """Hub → agent: answer with a pong at once (the hub measures the round trip)."""
+
+    model_config = ConfigDict(extra="forbid")
+    type: Literal["ping"] = "ping"
+    seq: int = Field(ge=0)
+
+
+class AgentPong(BaseModel):
+    """Agent → hub: answers a ping."""
+
+    model_config = ConfigDict(extra="forbid")
+    type: Literal["pong"] = "pong"
+    seq: int = Field(ge=0)  # echoes HubPing.seq
+
+
+class HubTasks(BaseModel):
+    """Hub → agent: expand these points as one batch."""
+
+    model_config = ConfigDict(extra="forbid")
+    type: Literal["tasks"] = "tasks"
+    batch_id: str = Field(min_length=1, max_length=64)
+    tasks: list[ExpansionTask] = Field(min_length=1, max_length=4096)
+
+
+class HubCancel(BaseModel):
+    """Hub → agent: drop a batch (its request ended or its points moved elsewhere)."""
+
+    model_config = ConfigDict(extra="forbid")
+    type: Literal["cancel"] = "cancel"
+    batch_id: str = Field(min_length=1, max_length=64)
+
+
+class AgentResult(BaseModel):
+    """Agent → hub: one point of a batch is done (sent the moment it finishes)."""
+
+    model_config = ConfigDict(extra="forbid")
+    type: Literal["result"] = "result"
+    batch_id: str = Field(min_length=1, max_length=64)
+    result: ExpansionResult
+
+
+class AgentBatchDone(BaseModel):
+    """Agent → hub: a batch ended; with an error, its undelivered points must move."""
+
+    model_config = ConfigDict(extra="forbid")
+    type: Literal["batch_done"] = "batch_done"
+    batch_id: str = Field(min_length=1, max_length=64)
+    error: str | None = Field(None, max_length=2000)
+
+
+class AgentDrain(BaseModel):
+    """Agent → hub: shutting down: send no more work; the listed batches are handed back."""
+
+    model_config = ConfigDict(extra="forbid")
+    type: Literal["drain"] = "drain"
+    handed_back: list[str] = Field(default_factory=list, max_length=4096)  # batch ids
+
+
+AgentMessage = Annotated[AgentRegister | AgentHeartbeat | AgentPong | AgentResult
+                         | AgentBatchDone | AgentDrain, Field(discriminator="type")]
+HubMessage = Annotated[HubWelcome | HubPing | HubTasks | HubCancel, Field(discriminator="type")]
+_AGENT = TypeAdapter[AgentMessage](AgentMessage)
+_HUB = TypeAdapter[HubMessage](HubMessage)
+
+
+def _check_size(frame: str | bytes) -> None:
+    size = len(frame.encode() if isinstance(frame, str) else frame)
+    if size > MAX_FRAME_BYTES:
+        raise WireFormatError(f"frame of {size} bytes is over the {MAX_FRAME_BYTES}-byte cap")
+
+
+def decode_agent_message(frame: str | bytes) -> AgentMessage:
+    """Parse and validate an agent → hub frame; raise WireFormatError naming the problem."""
+    _check_size(frame)
+    try:
+        return _AGENT.validate_json(frame)
+    except ValidationError as exc:
+        raise WireFormatError(f"bad agent frame: {_first_error(exc)}") from None
+
+
+def decode_hub_message(frame: str | bytes) -> HubMessage:
+    """Parse and validate a hub → agent frame; raise WireFormatError naming the problem."""
+    _check_size(frame)
+    try:
+        return _HUB.validate_json(frame)
+    except ValidationError as exc:
+        raise WireFormatError(f"bad hub frame: {_first_error(exc)}") from None
+
+
+def encode_message(msg: BaseModel) -> str:
+    frame = msg.model_dump_json()
+    _check_size(frame)
+    return frame
+
+
+def _first_error(exc: ValidationError) -> str:
+    err = exc.errors()[0]
+    where = ".".join(str(p) for p in err["loc"]) or "frame"
+    return f"{where}: {err['msg']}" + (f" ({exc.error_count()} errors)"
+                                      if exc.error_count() > 1 else "")
