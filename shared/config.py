@@ -37,7 +37,7 @@ class ServeSettings(BaseSettings):
     state_dir: Path | None = None  # adapter catalog + stored adapters; None → <cache>/state
     adapter_import_dirs: list[Path] = Field(default_factory=list)  # roots a tenant may register
     adapter_upload_mb: int = Field(512, ge=1, le=65536)  # per uploaded file
-    aas_threshold: float = Field(0.35, ge=-1.0, le=1.0)  # below it AAS picks no adapter
+    aas_threshold: float = Field(0.2, ge=-1.0, le=1.0)  # below it AAS picks no adapter
     aas_margin: float = Field(0.03, ge=0.0, le=1.0)  # near-tie: prefer a resident adapter
 
     @field_validator("edge_models")
