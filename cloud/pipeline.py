@@ -37,6 +37,8 @@ class AnswerRequest:
     stop: tuple[str, ...] = ()
     endpoint: str = "chat"
     prompt_tokens: int | None = None  # filled in once by Pipeline.prompt_tokens
+    adapter: str | None = None  # LoRA adapter (engine name) for the edge expansions
+    adapter_model: str | None = None  # the edge model that adapter applies to
 
 
 @dataclass
@@ -53,8 +55,11 @@ class _Clock:
 
 class Pipeline:
     def __init__(self, cloud: TextGenerator, edges: EdgePool, policy: PolicyConfig,
-                 metrics: Metrics, cloud_worker: ExpansionWorker | None = None) -> None:
+                 metrics: Metrics, cloud_worker: ExpansionWorker | None = None,
+                 edge_generators: dict[str, TextGenerator] | None = None) -> None:
         self.cloud = cloud
+        # in-process edge models by spec: they answer directly (`model` = edge model/adapter)
+        self.edge_generators = dict(edge_generators or {})
         # expands points on the cloud model when an edge fails mid-answer (None: answer in full)
         self.cloud_worker = cloud_worker
         self.edges = edges
@@ -132,7 +137,8 @@ class Pipeline:
         yield SketchEvent(points)
         tasks = [ExpansionTask(request_id=req.request_id, question=question, sketch=points,
                                index=i, max_tokens=decision.point_tokens,
-                               temperature=req.temperature, seed=req.seed)
+                               temperature=req.temperature, seed=req.seed,
+                               adapter=req.adapter, model=req.adapter_model)
                  for i in range(len(points))]
         t1 = time.perf_counter()
         results: dict[int, ExpansionResult] = {}
