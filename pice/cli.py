@@ -81,6 +81,16 @@ def cmd_bench_engine(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_bench_aas(args: argparse.Namespace) -> int:
+    from pice.bench.aas import AASBenchConfig, run_aas_bench
+
+    cfg = AASBenchConfig(out_dir=args.out, trials=args.trials, resident=args.resident)
+    summary = run_aas_bench(cfg)
+    print(json.dumps({m: {k: v for k, v in r.items() if k not in ("n", "n_in_domain", "n_null")}
+                      for m, r in summary["methods"].items()}, indent=2))
+    return 0
+
+
 def _model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--cloud-model", help=f"cloud model spec (default {DEFAULT_CLOUD_MODEL})")
     p.add_argument("--edge-model", action="append",
@@ -135,6 +145,11 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--max-tokens", type=int, default=256)
     b.add_argument("--out", type=Path, default=Path("bench-results"))
     b.set_defaults(fn=cmd_bench)
+    a = bsub.add_parser("aas", help="automatic adapter selection on the labeled routing set")
+    a.add_argument("--resident", type=int, default=3, help="resident adapters per cache trial")
+    a.add_argument("--trials", type=int, default=50, help="random resident sets per margin")
+    a.add_argument("--out", type=Path, default=Path("bench-results"))
+    a.set_defaults(fn=cmd_bench_aas)
     return parser
 
 
