@@ -78,3 +78,37 @@ def train_to_sketch(model_dir: Path, prompts: list[str], answer: str = SKETCH_AN
     model.eval()
     model.save_pretrained(model_dir)
     return model_dir
+
+
+def peft_adapter(base_dir: Path, out_dir: Path, rank: int = 4, alpha: float = 8.0,
+                 targets: tuple[str, ...] = ("q_proj", "v_proj"), seed: int = 0) -> Path:
+    """A real PEFT LoRA adapter (adapter_config.json + adapter_model.safetensors) for the tiny
+    base model, with random non-zero A and B so it changes the output."""
+    from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(seed)
+    base = Qwen2ForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
+    model = get_peft_model(base, LoraConfig(r=rank, lora_alpha=alpha, target_modules=list(targets),
+                                            init_lora_weights=False))
+    with torch.no_grad():  # peft's random init is small; make the adapter's effect clear
+        for name, p in model.named_parameters():
+            if "lora_" in name:
+                p.normal_(0.0, 0.3)
+    model.save_pretrained(out_dir, safe_serialization=True)
+    return out_dir
+
+
+def peft_greedy(base_dir: Path, adapter_dir: Path | None, prompt: str, max_new: int) -> list[int]:
+    """Greedy completion token ids from transformers (+ peft with the adapter alone)."""
+    from peft import PeftModel
+
+    tok = PreTrainedTokenizerFast.from_pretrained(base_dir)
+    model = Qwen2ForCausalLM.from_pretrained(base_dir, dtype=torch.float32).eval()
+    if adapter_dir is not None:
+        model = PeftModel.from_pretrained(model, adapter_dir).eval()
+    ids = torch.tensor([tok(prompt, add_special_tokens=False)["input_ids"]])  # [1, prompt]
+    with torch.no_grad():
+        out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids),
+                             max_new_tokens=max_new, do_sample=False,
+                             eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    return [int(t) for t in out[0, ids.shape[1]:]]
