@@ -76,13 +76,14 @@ class EdgeWorker:
         self.inflight += len(tasks)
         start = time.perf_counter()
         try:
-            for i, out in self.generator.generate_iter(prompts, params):
+            adapters = [t.adapter for t in tasks]  # None → the base model
+            for i, out in self.generator.generate_iter(prompts, params, adapters):
                 t = tasks[i]
                 yield ExpansionResult(
                     request_id=t.request_id, index=t.index,
                     text=f"{t.sketch[t.index]}: {clean_expansion(out.text, t.sketch[t.index])}"
                     .rstrip(": "),
-                    worker=self.worker_id, model=self.generator.name,
+                    worker=self.worker_id, model=self.generator.name, adapter=t.adapter,
                     tokens=out.completion_tokens, mean_logprob=out.mean_logprob,
                     logprobs=out.logprobs, finish_reason=out.finish_reason,
                     seconds=time.perf_counter() - start,

@@ -34,7 +34,8 @@ def load_generator(spec: str, settings: ServeSettings, progress: bool = True) ->
     if settings.backend == "hf":
         return HFGenerator(resolved.path, name=spec, max_context=settings.max_context)
     return EngineGenerator(resolved.path, name=spec, max_context=settings.max_context,
-                           quantization=settings.quantization, kv_cache_gb=settings.kv_cache_gb)
+                           quantization=settings.quantization, kv_cache_gb=settings.kv_cache_gb,
+                           lora_max_rank=settings.lora_max_rank, lora_slots=settings.lora_slots)
 
 
 def build_pipeline(settings: ServeSettings, metrics: Metrics, progress: bool = True) -> Pipeline:

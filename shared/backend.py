@@ -3,9 +3,11 @@ engine and vLLM next). Runners call it; they never decide what to run."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
+from pathlib import Path
 from typing import Protocol
 
+from pice.shared.lora.adapter import AdapterInfo
 from pice.shared.sampling import Completion, SamplingParams
 from pice.shared.tokenizer import ChatTokenizer, Message
 
@@ -28,17 +30,37 @@ class TextGenerator(Protocol):
         """Raise ContextLengthError (naming the field) when the request cannot fit."""
         ...
 
-    def generate(self, prompts: list[str], params: SamplingParams) -> list[Completion]:
-        """All prompts as ONE batch; results in prompt order."""
+    def generate(self, prompts: list[str], params: SamplingParams,
+                 adapters: Sequence[str | None] | None = None) -> list[Completion]:
+        """All prompts as ONE batch; results in prompt order. adapters[i] names the LoRA adapter
+        of prompt i (None: the base model); an unknown name raises NotFoundError first."""
         ...
 
-    def generate_iter(self, prompts: list[str],
-                      params: SamplingParams) -> Iterator[tuple[int, Completion]]:
+    def generate_iter(self, prompts: list[str], params: SamplingParams,
+                      adapters: Sequence[str | None] | None = None,
+                      ) -> Iterator[tuple[int, Completion]]:
         """The same batch, yielding (prompt index, completion) as each one finishes."""
         ...
 
-    def stream(self, prompt: str, params: SamplingParams) -> Iterator[str]:
+    def stream(self, prompt: str, params: SamplingParams,
+               adapter: str | None = None) -> Iterator[str]:
         """Text deltas as they are produced; the last item is followed by StopIteration."""
+        ...
+
+    # ---- LoRA adapters (backends that cannot serve them refuse with BadRequestError) -------
+    def add_adapter(self, name: str, path: Path) -> AdapterInfo:
+        """Validate a PEFT adapter directory and register it (InvalidAdapterError,
+        ConflictError for a taken name)."""
+        ...
+
+    def remove_adapter(self, name: str) -> None:
+        """Unload it from every tier (NotFoundError; ConflictError while requests use it)."""
+        ...
+
+    def adapters(self) -> list[AdapterInfo]: ...
+
+    def resident_adapters(self) -> set[str]:
+        """Adapters in device slots now (cheap to use)."""
         ...
 
 

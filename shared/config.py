@@ -28,6 +28,8 @@ class ServeSettings(BaseSettings):
     backend: Literal["engine", "hf"] = "engine"  # our paged-KV engine, or transformers generate
     quantization: Literal["int8"] | None = None  # engine: dynamic int8 linear layers
     kv_cache_gb: float = Field(1.0, gt=0, le=1024)  # engine: KV-cache pool per model
+    lora_max_rank: int = Field(64, ge=1, le=128)  # engine: largest LoRA adapter rank accepted
+    lora_slots: int = Field(8, ge=1, le=4096)  # engine: adapters resident on the device at once
     default_max_points: int = Field(6, ge=1, le=10)
     words_per_point: int = Field(5, ge=1, le=20)
     point_tokens: int = Field(64, ge=8, le=1024)  # edge budget per point

@@ -75,5 +75,9 @@ class PayloadTooLargeError(PiceError):
     status_code = 413
 
 
+class InvalidAdapterError(BadRequestError):
+    """A LoRA adapter is malformed or does not fit the engine's model (named in the message)."""
+
+
 class WireFormatError(BadRequestError):
     """An edge-agent frame is over the size cap or does not match its message schema."""

@@ -6,13 +6,16 @@ cost one batched decode, not one decode per point."""
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
+from pathlib import Path
 from typing import Any
 
 import torch
 from transformers import AutoModelForCausalLM, TextIteratorStreamer
 
 from pice.shared.backend import ChatBackedGenerator
+from pice.shared.errors import BadRequestError, NotFoundError
+from pice.shared.lora.adapter import AdapterInfo
 from pice.shared.sampling import Completion, SamplingParams
 from pice.shared.tokenizer import ChatTokenizer, trim_at_stop
 
@@ -61,8 +64,33 @@ class HFGenerator(ChatBackedGenerator):
             self.check_fits(int(n), max_tokens)
         return {k: v.to(self.device) for k, v in enc.items()}
 
+    # ---- adapters: not served by this backend -------------------------------------------------
+    def _refuse(self) -> BadRequestError:
+        return BadRequestError("the hf backend does not serve LoRA adapters; run with "
+                               "backend=engine", field="adapter")
+
+    def _check_no_adapters(self, adapters: Sequence[str | None] | None) -> None:
+        named = sorted({a for a in adapters or () if a is not None})
+        if named:
+            raise NotFoundError(f"adapter {named[0]!r} does not exist (the hf backend serves "
+                                "no LoRA adapters; run with backend=engine)", field="adapter")
+
+    def add_adapter(self, name: str, path: Path) -> AdapterInfo:
+        raise self._refuse()
+
+    def remove_adapter(self, name: str) -> None:
+        raise NotFoundError(f"adapter {name!r} does not exist", field="adapter")
+
+    def adapters(self) -> list[AdapterInfo]:
+        return []
+
+    def resident_adapters(self) -> set[str]:
+        return set()
+
     @torch.inference_mode()
-    def generate(self, prompts: list[str], params: SamplingParams) -> list[Completion]:
+    def generate(self, prompts: list[str], params: SamplingParams,
+                 adapters: Sequence[str | None] | None = None) -> list[Completion]:
+        self._check_no_adapters(adapters)
         if not prompts:
             return []
         enc = self._encode(prompts, params.max_tokens)
@@ -94,11 +122,15 @@ class HFGenerator(ChatBackedGenerator):
             ))
         return results
 
-    def generate_iter(self, prompts: list[str],
-                      params: SamplingParams) -> Iterator[tuple[int, Completion]]:
+    def generate_iter(self, prompts: list[str], params: SamplingParams,
+                      adapters: Sequence[str | None] | None = None,
+                      ) -> Iterator[tuple[int, Completion]]:
+        self._check_no_adapters(adapters)
         yield from enumerate(self.generate(prompts, params))  # one padded batch ends together
 
-    def stream(self, prompt: str, params: SamplingParams) -> Iterator[str]:
+    def stream(self, prompt: str, params: SamplingParams,
+               adapter: str | None = None) -> Iterator[str]:
+        self._check_no_adapters([adapter])
         enc = self._encode([prompt], params.max_tokens)
         streamer = TextIteratorStreamer(self.tokenizer, skip_prompt=True, skip_special_tokens=True,
                                         timeout=600)

@@ -8,12 +8,15 @@ import logging
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 
-from fastapi import FastAPI
+from fastapi import Depends, FastAPI
 
-from pice.cloud.api import chat, ops, progressive
+from pice.cloud.adapter_catalog import open_catalog
+from pice.cloud.api import adapters, chat, ops, progressive
+from pice.cloud.api.deps import get_tenant
 from pice.cloud.api.errors import install_error_handlers
 from pice.cloud.metrics import Metrics
 from pice.cloud.pipeline import Pipeline
+from pice.cloud.tenants import TenantRegistry
 from pice.shared.config import ServeSettings
 
 log = logging.getLogger(__name__)
@@ -29,7 +32,11 @@ def create_app(settings: ServeSettings, builder: Builder) -> FastAPI:
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         async def load() -> None:
             try:
-                app.state.pipeline = await asyncio.to_thread(builder, settings, metrics)
+                pipeline = await asyncio.to_thread(builder, settings, metrics)
+                reserved = {"pice", pipeline.cloud.name, *pipeline.edge_generators}
+                app.state.adapters = await asyncio.to_thread(
+                    open_catalog, settings, pipeline.edge_generators, reserved)
+                app.state.pipeline = pipeline  # ready: set last
                 log.info("pice ready: cloud=%s edges=%s", settings.cloud_model,
                          settings.edge_models)
             except Exception as exc:
@@ -45,7 +52,11 @@ def create_app(settings: ServeSettings, builder: Builder) -> FastAPI:
     app.state.metrics = metrics
     app.state.pipeline = None
     app.state.load_error = None
+    app.state.tenants = TenantRegistry.load(settings.api_keys_file)  # bad file: fail now
+    app.state.adapters = None
     install_error_handlers(app, lambda status: metrics.errors.labels(str(status)).inc())
-    for router in (chat.router, progressive.router, ops.router):
+    for router in (chat.router, progressive.router, adapters.router):  # tenants' API: keys
+        app.include_router(router, dependencies=[Depends(get_tenant)])
+    for router in (ops.router,):
         app.include_router(router)
     return app

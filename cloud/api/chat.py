@@ -9,7 +9,9 @@ from collections.abc import AsyncIterator
 from fastapi import APIRouter, Depends, Request
 from sse_starlette.sse import EventSourceResponse
 
-from pice.cloud.api.deps import get_pipeline, new_id
+from pice.cloud import direct
+from pice.cloud.adapter_catalog import AdapterCatalog
+from pice.cloud.api.deps import get_catalog, get_pipeline, get_tenant, new_id
 from pice.cloud.api.errors import exception_to_response
 from pice.cloud.api.schemas import (
     AssistantMessage,
@@ -21,8 +23,9 @@ from pice.cloud.api.schemas import (
     PiceReport,
     Usage,
 )
-from pice.cloud.events import DeltaEvent, DoneEvent, SectionEvent
+from pice.cloud.events import DeltaEvent, DoneEvent, Event, SectionEvent
 from pice.cloud.pipeline import AnswerRequest, Pipeline
+from pice.cloud.tenants import Tenant
 
 router = APIRouter(tags=["openai"])
 
@@ -38,22 +41,29 @@ def to_answer_request(body: ChatCompletionRequest, rid: str, default_max: int,
     )
 
 
-def report(done: DoneEvent) -> PiceReport:
+def report(done: DoneEvent, plan: direct.Plan | None = None) -> PiceReport:
     return PiceReport(mode=done.mode, reason=done.reason, sketch=done.sketch,
-                      timings=done.timings, tokens=done.tokens)
+                      timings=done.timings, tokens=done.tokens,
+                      adapter=plan.report(done.mode) if plan is not None else None)
 
 
 @router.post("/v1/chat/completions", response_model=ChatCompletionResponse)
 async def chat_completions(body: ChatCompletionRequest, request: Request,
-                           pipeline: Pipeline = Depends(get_pipeline)):  # noqa: B008
+                           pipeline: Pipeline = Depends(get_pipeline),  # noqa: B008
+                           tenant: Tenant = Depends(get_tenant),  # noqa: B008
+                           catalog: AdapterCatalog = Depends(get_catalog)):  # noqa: B008
     rid = new_id("chatcmpl")
     req = to_answer_request(body, rid, request.app.state.settings.default_max_tokens)
-    pipeline.validate(req)  # 4xx now, before any stream starts
+    question = next(m["content"] for m in reversed(req.messages) if m["role"] == "user")
+    plan = await direct.plan_answer(body.model, body.pice.adapter, question, tenant, catalog,
+                                    pipeline)  # which model (and adapter) answers
+    direct.validate(pipeline, plan, req)  # 4xx now, before any stream starts
     model = body.model or pipeline.cloud.name
     if body.stream:
-        return EventSourceResponse(_stream(pipeline, req, model), ping=15)
+        return EventSourceResponse(_stream(direct.run(pipeline, plan, req), plan, req, model),
+                                   ping=15)
     done = None
-    async for ev in pipeline.run(req):
+    async for ev in direct.run(pipeline, plan, req):
         if isinstance(ev, DoneEvent):
             done = ev
     assert done is not None, "pipeline ended without a DoneEvent"
@@ -64,7 +74,7 @@ async def chat_completions(body: ChatCompletionRequest, request: Request,
                         finish_reason=done.finish_reason)],
         usage=Usage(prompt_tokens=done.tokens["prompt"], completion_tokens=completion,
                     total_tokens=done.tokens["prompt"] + completion),
-        pice=report(done),
+        pice=report(done, plan),
     )
 
 
@@ -79,13 +89,14 @@ def _chunk(rid: str, model: str, delta: dict[str, str], finish: str | None = Non
     return json.dumps(body)
 
 
-async def _stream(pipeline: Pipeline, req: AnswerRequest, model: str) -> AsyncIterator[str]:
+async def _stream(events: AsyncIterator[Event], plan: direct.Plan, req: AnswerRequest,
+                  model: str) -> AsyncIterator[str]:
     rid = req.request_id
     yield _chunk(rid, model, {"role": "assistant", "content": ""})
     pending: dict[int, SectionEvent] = {}  # sections arrive as they finish; text goes in order
     next_index = 0
     try:
-        async for ev in pipeline.run(req):
+        async for ev in events:
             if isinstance(ev, DeltaEvent):
                 yield _chunk(rid, model, {"content": ev.text})
             elif isinstance(ev, SectionEvent):
@@ -97,7 +108,7 @@ async def _stream(pipeline: Pipeline, req: AnswerRequest, model: str) -> AsyncIt
                     next_index += 1
             elif isinstance(ev, DoneEvent):
                 yield _chunk(rid, model, {}, ev.finish_reason,
-                             {"pice": report(ev).model_dump()})
+                             {"pice": report(ev, plan).model_dump()})
     except Exception as exc:  # the stream has begun: report in-band, then end it
         _, body = exception_to_response(exc)
         yield json.dumps(body)
@@ -105,7 +116,13 @@ async def _stream(pipeline: Pipeline, req: AnswerRequest, model: str) -> AsyncIt
 
 
 @router.get("/v1/models", response_model=ModelList)
-async def list_models(request: Request) -> ModelList:
+async def list_models(request: Request,
+                      tenant: Tenant = Depends(get_tenant)) -> ModelList:  # noqa: B008
     settings = request.app.state.settings
     ids = [settings.cloud_model, *settings.edge_models]
-    return ModelList(data=[ModelCard(id=i) for i in dict.fromkeys(ids)])
+    cards = [ModelCard(id=i) for i in dict.fromkeys(ids)]
+    catalog: AdapterCatalog | None = request.app.state.adapters
+    for rec in catalog.visible(tenant) if catalog is not None else []:  # LoRA adapters
+        cards.append(ModelCard(id=rec.ref(tenant), created=rec.created, owned_by=rec.owner,
+                               parent=rec.base_model))
+    return ModelList(data=cards)

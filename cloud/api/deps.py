@@ -6,7 +6,9 @@ import uuid
 
 from fastapi import Request
 
+from pice.cloud.adapter_catalog import AdapterCatalog
 from pice.cloud.pipeline import Pipeline
+from pice.cloud.tenants import Tenant, TenantRegistry
 from pice.shared.errors import NotReadyError
 
 
@@ -16,6 +18,18 @@ def get_pipeline(request: Request) -> Pipeline:
         detail = request.app.state.load_error or "models are still loading; poll GET /ready"
         raise NotReadyError(detail)
     return pipeline
+
+
+def get_tenant(request: Request) -> Tenant:
+    """The caller's tenant from its API key (401 when keys are configured and it has none)."""
+    tenants: TenantRegistry = request.app.state.tenants
+    return tenants.authenticate(request.headers.get("authorization"))
+
+
+def get_catalog(request: Request) -> AdapterCatalog:
+    get_pipeline(request)  # 503 while loading; the catalog is set before the pipeline
+    catalog: AdapterCatalog = request.app.state.adapters
+    return catalog
 
 
 def new_id(prefix: str) -> str:

@@ -3,7 +3,7 @@ options and report that ride alongside them."""
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
@@ -31,6 +31,8 @@ class PiceOptions(BaseModel):
     model_config = ConfigDict(extra="forbid")
     mode: Mode = "auto"  # auto: the scheduler picks; cloud: full answer; progressive: sketch+edge
     max_points: int | None = Field(None, ge=1, le=10)  # cap on sketch points
+    # LoRA adapter for the edge: a name (yours, or public), "auto" (AAS picks) or "none"
+    adapter: str | None = Field(None, min_length=1, max_length=200)
 
 
 def _check_messages(messages: list[ChatMessage]) -> list[ChatMessage]:
@@ -72,6 +74,8 @@ class PiceReport(BaseModel):
     sketch: list[str]  # sketch points (empty for cloud)
     timings: dict[str, float]  # seconds per stage
     tokens: dict[str, int]  # prompt / cloud / edge
+    # adapter: {name (None: base model), selected_by: "request"|"aas", score, best, reason}
+    adapter: dict[str, Any] | None = None
 
 
 class AssistantMessage(BaseModel):
@@ -106,6 +110,7 @@ class ModelCard(BaseModel):
     object: Literal["model"] = "model"
     created: int = 0
     owned_by: str = "pice"
+    parent: str | None = None  # a LoRA adapter's base model (vLLM's convention)
 
 
 class ModelList(BaseModel):

@@ -55,7 +55,9 @@ class BlockManager:
         # Full blocks strictly before the last token may be shared (the last token is always
         # computed, so its logits exist and its block stays private).
         shareable = (len(seq) - 1) // bs if self.prefix_caching else 0
-        prev_hash, missed = 0, False
+        # The chain starts from the adapter's registration id: K/V computed under one adapter
+        # is never shared with another (or with the base model, id 0).
+        prev_hash, missed = hash(("lora", seq.lora_uid)) if seq.lora_uid else 0, False
         for i in range(self.blocks_for(len(seq))):
             tokens = tuple(seq.token_ids[i * bs:(i + 1) * bs])
             h = hash((prev_hash, tokens)) if i < shareable else None

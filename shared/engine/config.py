@@ -21,6 +21,9 @@ class EngineConfig:
     prefix_caching: bool = True
     cpu_kernels: bool = True  # fp32 CPU decode through pice's AVX2 linear kernel (if it builds)
     device: str = "auto"  # auto (cuda when present, else cpu) | cpu | cuda | cuda:N
+    lora_max_rank: int = 64  # largest LoRA rank accepted; slots are padded to it
+    lora_slots: int = 8  # adapters resident on the compute device at once
+    lora_host_gb: float = 2.0  # host-RAM tier for adapters read from disk (LRU)
 
     def __post_init__(self) -> None:
         if self.device == "auto":
@@ -41,6 +44,11 @@ class EngineConfig:
              f"dtype must be float32, bfloat16 or float16, got {self.dtype!r}"),
             (self.quantization in (None, "int8"),
              f"quantization must be None or 'int8', got {self.quantization!r}"),
+            (1 <= self.lora_max_rank <= 128,
+             f"lora_max_rank must be in [1, 128], got {self.lora_max_rank}"),
+            (1 <= self.lora_slots <= 4096,
+             f"lora_slots must be in [1, 4096], got {self.lora_slots}"),
+            (self.lora_host_gb > 0, f"lora_host_gb must be > 0, got {self.lora_host_gb}"),
             (self.quantization is None or self.device == "cpu",
              f"int8 dynamic quantization runs on the CPU only, not on {self.device!r}"),
         ]

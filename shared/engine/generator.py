@@ -9,6 +9,7 @@ import logging
 import queue
 import threading
 from collections.abc import Callable, Iterator
+from collections.abc import Sequence as Seq
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +18,8 @@ from pice.shared.engine.config import EngineConfig
 from pice.shared.engine.llm_engine import LLMEngine
 from pice.shared.engine.models import model_class
 from pice.shared.engine.sequence import Sequence
+from pice.shared.errors import BadRequestError
+from pice.shared.lora.adapter import AdapterInfo
 from pice.shared.sampling import Completion, SamplingParams
 from pice.shared.tokenizer import ChatTokenizer, trim_at_stop
 
@@ -24,12 +27,14 @@ log = logging.getLogger(__name__)
 
 
 class _Handle:
-    def __init__(self, seq: Sequence, on_done: Callable[[], None] | None = None) -> None:
+    def __init__(self, seq: Sequence, on_done: Callable[[], None] | None = None,
+                 release: Callable[[], None] | None = None) -> None:
         self.seq = seq
         self.updates: queue.Queue[BaseException | None] = queue.Queue()  # None → progress
         self.done = threading.Event()
         self.error: BaseException | None = None
         self.on_done = on_done
+        self.release = release  # runs once when it finishes (drops its adapter use)
 
     def notify(self) -> None:
         if self.seq.is_finished:
@@ -42,6 +47,10 @@ class _Handle:
         self.updates.put(exc)
 
     def _finish(self) -> None:
+        if self.done.is_set():
+            return
+        if self.release is not None:
+            self.release()
         self.done.set()
         if self.on_done is not None:
             self.on_done()
@@ -89,7 +98,10 @@ class EngineGenerator(ChatBackedGenerator):
                 continue
             for seq in stepped:
                 handle = self._live[seq.seq_id]
-                handle.notify()
+                if seq.error is not None:  # failed before running (its adapter's file)
+                    handle.fail(seq.error)
+                else:
+                    handle.notify()
                 if seq.is_finished:
                     del self._live[seq.seq_id]
 
@@ -97,13 +109,45 @@ class EngineGenerator(ChatBackedGenerator):
         self._live[handle.seq.seq_id] = handle
         self.engine.add(handle.seq)
 
+    # ---- adapters (LoRA) -----------------------------------------------------------------------
+    def add_adapter(self, name: str, path: Path) -> AdapterInfo:
+        """Validate a PEFT adapter directory (InvalidAdapterError naming the problem) and
+        register it on the disk tier; it loads into a device slot when a request needs it.
+        A taken name raises ConflictError."""
+        return self.engine.pool.add(name, Path(path))
+
+    def remove_adapter(self, name: str) -> None:
+        """Drop an adapter from every tier, returning its memory. Refused with ConflictError
+        (409) while any request naming it is queued or running; NotFoundError if unknown."""
+        self.engine.pool.remove(name)
+
+    def adapters(self) -> list[AdapterInfo]:
+        return self.engine.pool.infos()
+
+    def resident_adapters(self) -> set[str]:
+        """Names of the adapters in device slots now."""
+        return self.engine.pool.resident()
+
+    def _check_adapters(self, names: Seq[str | None] | None, n: int) -> list[str | None]:
+        if names is None:
+            return [None] * n
+        names = list(names)
+        if len(names) != n:
+            raise BadRequestError(f"{len(names)} adapters given for {n} prompts",
+                                  field="adapter")
+        for name in set(names):
+            if name is not None:
+                self.engine.pool.info(name)  # NotFoundError before anything runs
+        return names
+
     # ---- callers' side ------------------------------------------------------------------------
     def submit(self, prompt: str, params: SamplingParams,
-               on_done: Callable[[], None] | None = None) -> _Handle:
+               on_done: Callable[[], None] | None = None,
+               adapter: str | None = None) -> _Handle:
         ids = self.chat.encode(prompt)
         self.chat.check_fits(len(ids), params.max_tokens)
-        seq = self.engine.make_sequence(ids, params)  # admission errors raise here
-        handle = _Handle(seq, on_done)
+        seq = self.engine.make_sequence(ids, params, adapter)  # admission errors raise here
+        handle = _Handle(seq, on_done, release=lambda: self.engine.release(seq))
         self._inbox.put(handle)
         return handle
 
@@ -121,24 +165,31 @@ class EngineGenerator(ChatBackedGenerator):
                           logprobs=list(seq.logprobs), prompt_tokens=seq.num_prompt_tokens,
                           finish_reason=seq.finish_reason or "stop")
 
-    def generate(self, prompts: list[str], params: SamplingParams) -> list[Completion]:
-        handles = [self.submit(p, params) for p in prompts]
+    def generate(self, prompts: list[str], params: SamplingParams,
+                 adapters: Seq[str | None] | None = None) -> list[Completion]:
+        names = self._check_adapters(adapters, len(prompts))
+        handles = [self.submit(p, params, adapter=a) for p, a in zip(prompts, names, strict=True)]
         for h in handles:
             h.done.wait()
         return [self._completion(h) for h in handles]
 
-    def generate_iter(self, prompts: list[str],
-                      params: SamplingParams) -> Iterator[tuple[int, Completion]]:
+    def generate_iter(self, prompts: list[str], params: SamplingParams,
+                      adapters: Seq[str | None] | None = None,
+                      ) -> Iterator[tuple[int, Completion]]:
+        names = self._check_adapters(adapters, len(prompts))
         finished: queue.Queue[int] = queue.Queue()
-        handles = [self.submit(p, params, on_done=lambda i=i: finished.put(i))  # type: ignore[misc]
+        handles = [self.submit(p, params, on_done=lambda i=i: finished.put(i),  # type: ignore[misc]
+                               adapter=names[i])
                    for i, p in enumerate(prompts)]
         for _ in handles:
             i = finished.get()
             yield i, self._completion(handles[i])
 
-    def stream(self, prompt: str, params: SamplingParams) -> Iterator[str]:
+    def stream(self, prompt: str, params: SamplingParams,
+               adapter: str | None = None) -> Iterator[str]:
         """Text deltas; closing the iterator early (client gone) aborts the sequence."""
-        handle = self.submit(prompt, params)
+        self._check_adapters([adapter], 1)
+        handle = self.submit(prompt, params, adapter=adapter)
         emitted = ""
         try:
             while True:

@@ -6,10 +6,12 @@ from collections.abc import Callable
 
 from pice.shared.engine.block_manager import BlockManager
 from pice.shared.engine.config import EngineConfig
+from pice.shared.engine.lora import model_shape
 from pice.shared.engine.model_runner import ModelRunner
 from pice.shared.engine.scheduler import Scheduler, SchedulerOutput
 from pice.shared.engine.sequence import Sequence
 from pice.shared.errors import BadRequestError, ContextLengthError
+from pice.shared.lora.pool import AdapterPool
 from pice.shared.sampling import SamplingParams
 from pice.shared.tokenizer import trim_at_stop
 
@@ -23,12 +25,19 @@ class LLMEngine:
         self.runner = ModelRunner(cfg)
         self.max_model_len = min(cfg.max_model_len, self.runner.model.max_position_embeddings)
         self.blocks = BlockManager(self.runner.num_blocks, cfg.block_size, cfg.prefix_caching)
-        self.scheduler = Scheduler(self.blocks, cfg.max_num_seqs, cfg.max_num_batched_tokens)
+        self.pool = AdapterPool(model_shape(self.runner.model), num_slots=cfg.lora_slots,
+                                max_rank=cfg.lora_max_rank,
+                                host_bytes=int(cfg.lora_host_gb * 2**30),
+                                dtype=self.runner.dtype, device=self.runner.device)
+        self.scheduler = Scheduler(self.blocks, cfg.max_num_seqs, cfg.max_num_batched_tokens,
+                                   self.pool)
         # counters: tokens actually computed in prefill and decode steps, preemptions
         self.stats = {"prefill_tokens": 0, "decode_tokens": 0, "preemptions": 0, "steps": 0}
 
     # ---- admission: every refusal happens here, never inside a step ------------------------
-    def make_sequence(self, prompt_ids: list[int], params: SamplingParams) -> Sequence:
+    def make_sequence(self, prompt_ids: list[int], params: SamplingParams,
+                      adapter: str | None = None) -> Sequence:
+        """A checked sequence; naming an adapter counts it as a user of it (see `release`)."""
         if not prompt_ids:
             raise BadRequestError("prompt is empty", field="prompt")
         total = len(prompt_ids) + params.max_tokens
@@ -41,7 +50,16 @@ class LLMEngine:
                 f"request needs {self.blocks.blocks_for(total)} KV blocks but the pool has "
                 f"{self.blocks.num_blocks}; raise kv_cache_gb or lower max_tokens",
                 field="max_tokens")
-        return Sequence(prompt_ids, params)
+        if adapter is None:
+            return Sequence(prompt_ids, params)
+        uid = self.pool.use(adapter)  # NotFoundError for an unknown name
+        rank = self.pool.info(adapter).rank
+        return Sequence(prompt_ids, params, adapter, uid, rank)
+
+    def release(self, seq: Sequence) -> None:
+        """The caller is done with a sequence (finished or never run): drop its adapter use."""
+        if seq.adapter is not None:
+            self.pool.unuse(seq.adapter)
 
     def add(self, seq: Sequence) -> None:
         self.scheduler.add(seq)
@@ -57,9 +75,14 @@ class LLMEngine:
     # ---- the step ----------------------------------------------------------------------------
     def step(self) -> list[Sequence]:
         """One forward pass; returns the sequences that gained a token (some now finished)."""
+        if self.pool.buffers is not None:
+            self.runner.lora.buffers = self.pool.buffers
         batch = self.scheduler.schedule()
+        failed, self.scheduler.failed = self.scheduler.failed, []
         if batch is None:
-            return []
+            if not failed and self.scheduler.waiting and not self.scheduler.running:
+                self.pool.wait_for_load(0.05)  # waiting on an adapter read: do not spin
+            return failed
         self.stats["prefill_tokens" if batch.is_prefill else "decode_tokens"] += batch.num_tokens
         self.stats["preemptions"] += len(batch.preempted)
         self.stats["steps"] += 1
@@ -70,7 +93,7 @@ class LLMEngine:
                 self.blocks.forget(seq)
                 self.scheduler.finish(seq, "error")
             raise
-        return self.update_from_output(batch, token_ids, logprobs)
+        return failed + self.update_from_output(batch, token_ids, logprobs)
 
     def update_from_output(self, batch: SchedulerOutput, token_ids: list[int],
                            logprobs: list[float]) -> list[Sequence]:
@@ -95,11 +118,17 @@ class LLMEngine:
             return "length"
         return None
 
-    def generate_ids(self, prompts: list[list[int]], params: SamplingParams) -> list[Sequence]:
+    def generate_ids(self, prompts: list[list[int]], params: SamplingParams,
+                     adapters: list[str | None] | None = None) -> list[Sequence]:
         """Synchronous batch run (benchmarks, tests); serving goes through EngineGenerator."""
-        seqs = [self.make_sequence(p, params) for p in prompts]
+        names = adapters if adapters is not None else [None] * len(prompts)
+        seqs = [self.make_sequence(p, params, a) for p, a in zip(prompts, names, strict=True)]
         for seq in seqs:
             self.add(seq)
-        while self.has_work:
-            self.step()
+        try:
+            while self.has_work:
+                self.step()
+        finally:
+            for seq in seqs:
+                self.release(seq)
         return seqs

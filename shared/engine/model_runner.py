@@ -10,9 +10,11 @@ import torch
 from pice.kernels.cpu_linear import use_cpu_kernels
 from pice.kernels.paged_attention import build_metadata
 from pice.shared.engine.config import EngineConfig
+from pice.shared.engine.lora import attach_lora, lora_batch
 from pice.shared.engine.models import CausalLM, build_model
 from pice.shared.engine.sampler import sample
 from pice.shared.engine.scheduler import SchedulerOutput
+from pice.shared.engine.sequence import Sequence
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -43,6 +45,7 @@ class ModelRunner:
             self.model = cast(CausalLM, quantize_int8(self.model))
         elif cfg.cpu_kernels and self.device.type == "cpu" and self.dtype == torch.float32:
             use_cpu_kernels(self.model)
+        self.lora = attach_lora(self.model)  # inert until an adapter is in a step
         m = self.model
         per_block = 2 * m.num_layers * cfg.block_size * m.num_kv_heads * m.head_dim * \
             self.dtype.itemsize
@@ -53,10 +56,23 @@ class ModelRunner:
                            torch.zeros(shape, dtype=self.dtype, device=self.device))
                           for _ in range(m.num_layers)]
 
-    @torch.inference_mode()
     def execute(self, batch: SchedulerOutput) -> tuple[list[int], list[float]]:
+        """Token and log-probability per sequence, in `batch.seqs` order."""
         seqs = batch.seqs
-        if batch.is_prefill:
+        if not batch.is_prefill or all(s.lora_slot is None for s in seqs):
+            return self._run(seqs, batch.is_prefill)
+        # Prefill with adapters: order by slot so each adapter's tokens form one segment.
+        slots = [-1 if s.lora_slot is None else s.lora_slot for s in seqs]
+        order = sorted(range(len(seqs)), key=slots.__getitem__)
+        ids, logprobs = self._run([seqs[i] for i in order], True)
+        out_ids, out_lps = [0] * len(seqs), [0.0] * len(seqs)
+        for k, i in enumerate(order):
+            out_ids[i], out_lps[i] = ids[k], logprobs[k]
+        return out_ids, out_lps
+
+    @torch.inference_mode()
+    def _run(self, seqs: list[Sequence], is_prefill: bool) -> tuple[list[int], list[float]]:
+        if is_prefill:
             query_lens = [len(s) - s.num_cached_tokens for s in seqs]
             ids = [t for s, q in zip(seqs, query_lens, strict=True) for t in s.token_ids[-q:]]
             context_lens = [len(s) for s in seqs]
@@ -67,7 +83,11 @@ class ModelRunner:
         meta = build_metadata([s.block_table for s in seqs], context_lens, query_lens,
                               self.cfg.block_size, self.device)
         input_ids = torch.tensor(ids, dtype=torch.long, device=self.device)  # [num_tokens]
-        hidden = self.model(input_ids, self.kv_caches, meta)  # [num_tokens, hidden]
+        self.lora.batch = lora_batch(seqs, query_lens, is_prefill, self.device)
+        try:
+            hidden = self.model(input_ids, self.kv_caches, meta)  # [num_tokens, hidden]
+        finally:
+            self.lora.batch = None
         last = torch.tensor(query_lens, device=self.device).cumsum(0) - 1  # [batch]
         logits = self.model.compute_logits(hidden[last]).float().cpu()  # [batch, vocab]
         for s in seqs:

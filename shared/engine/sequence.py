@@ -19,7 +19,8 @@ class SeqStatus(Enum):
 
 
 class Sequence:
-    def __init__(self, prompt_ids: list[int], params: SamplingParams) -> None:
+    def __init__(self, prompt_ids: list[int], params: SamplingParams,
+                 adapter: str | None = None, lora_uid: int = 0, lora_rank: int = 0) -> None:
         assert prompt_ids, "empty prompt"
         self.seq_id = next(_ids)
         self.status = SeqStatus.WAITING
@@ -33,6 +34,16 @@ class Sequence:
         self.generator: torch.Generator | None = None
         if params.seed is not None:
             self.generator = torch.Generator().manual_seed(params.seed)
+        # LoRA: the adapter's name, registration id (keys the prefix cache) and rank; the device
+        # slot it holds while running; whether it was resident when first tried (cache hit);
+        # how many later sequences were admitted ahead of it while it waited for a slot.
+        self.adapter = adapter
+        self.lora_uid = lora_uid
+        self.lora_rank = lora_rank
+        self.lora_slot: int | None = None
+        self.lora_hit: bool | None = None
+        self.bypassed = 0
+        self.error: BaseException | None = None  # set when it failed outside a step
 
     def __len__(self) -> int:
         return len(self.token_ids)

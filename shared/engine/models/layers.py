@@ -7,6 +7,7 @@ row slices at load time (see `fused_sizes` and the loader)."""
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Protocol
 
 import torch
 import torch.nn.functional as F
@@ -23,6 +24,12 @@ _ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
     "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh"),
     "gelu_tanh": lambda x: F.gelu(x, approximate="tanh"),
 }
+
+
+class LoraHook(Protocol):
+    """Adds a batch's LoRA terms to a projection's output in place (pice.shared.engine.lora)."""
+
+    def apply(self, group: str, y: torch.Tensor, x: torch.Tensor) -> None: ...
 
 
 def activation(name: str) -> Callable[[torch.Tensor], torch.Tensor]:
@@ -74,11 +81,19 @@ class GatedMLP(nn.Module):
         self.down_proj = nn.Linear(intermediate, hidden, bias=bias)
         self.act = activation(act)
         self.fused_sizes = {"gate_up_proj": [intermediate, intermediate]}
+        self.lora: LoraHook | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # x: [num_tokens, hidden] -> gate_up: [num_tokens, 2 * intermediate]
-        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
-        return self.down_proj(self.act(gate) * up)
+        gate_up = self.gate_up_proj(x)
+        if self.lora is not None:
+            self.lora.apply("gate_up", gate_up, x)
+        gate, up = gate_up.chunk(2, dim=-1)
+        h = self.act(gate) * up  # [num_tokens, intermediate]
+        out = self.down_proj(h)  # [num_tokens, hidden]
+        if self.lora is not None:
+            self.lora.apply("down", out, h)
+        return out
 
 
 class Attention(nn.Module):
@@ -97,6 +112,7 @@ class Attention(nn.Module):
         self.qkv_proj = nn.Linear(hidden, q_size + 2 * kv_size, bias=qkv_bias)
         self.o_proj = nn.Linear(q_size, hidden, bias=o_bias)
         self.fused_sizes = {"qkv_proj": [q_size, kv_size, kv_size]}
+        self.lora: LoraHook | None = None
         self.q_norm: GemmaRMSNorm | None = None
         self.k_norm: GemmaRMSNorm | None = None
         if qk_norm_eps is not None:
@@ -109,6 +125,8 @@ class Attention(nn.Module):
         # x: [num_tokens, hidden]; cos, sin: [num_tokens, head_dim // 2]
         n, heads, kv_heads, hd = x.shape[0], self.num_heads, self.num_kv_heads, self.head_dim
         qkv = self.qkv_proj(x)  # [num_tokens, (heads + 2 * kv_heads) * head_dim]
+        if self.lora is not None:
+            self.lora.apply("qkv", qkv, x)
         v = qkv[:, (heads + kv_heads) * hd:].view(n, kv_heads, hd)  # [num_tokens, kv_heads, hd]
         qk = qkv[:, :(heads + kv_heads) * hd].view(n, heads + kv_heads, hd)
         if self.q_norm is not None and self.k_norm is not None:
@@ -117,4 +135,8 @@ class Attention(nn.Module):
         q, k = apply_rotary(qk, cos, sin).split((heads, kv_heads), dim=1)
         out = paged_attention(q, k, v, kv_cache[0], kv_cache[1], meta, self.scale,
                               self.sliding_window)  # [num_tokens, heads, head_dim]
-        return self.o_proj(out.reshape(n, -1))
+        flat = out.reshape(n, -1)  # [num_tokens, heads * head_dim]
+        o = self.o_proj(flat)  # [num_tokens, hidden]
+        if self.lora is not None:
+            self.lora.apply("o", o, flat)
+        return o

@@ -1,0 +1,212 @@
+"""Tenants' LoRA adapters: `POST /v1/adapters` (multipart upload of the two PEFT files, or JSON
+naming a server-local directory under `adapter_import_dirs`), list, get, delete. A tenant sees
+its own adapters and public ones; another tenant's private adapter does not exist for it."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import shutil
+import uuid
+from pathlib import Path
+from typing import IO, Any, Literal
+
+from fastapi import APIRouter, Depends, Request
+from fastapi.exceptions import RequestValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from starlette.datastructures import UploadFile
+
+from pice.cloud.adapter_catalog import ADAPTER_FILES, AdapterCard, AdapterCatalog, AdapterRecord
+from pice.cloud.api.deps import get_catalog, get_tenant
+from pice.cloud.tenants import NAME_RE, Tenant
+from pice.shared.errors import BadRequestError, PayloadTooLargeError
+
+router = APIRouter(tags=["adapters"])
+
+_FILE_FIELDS = {"adapter_config": ADAPTER_FILES[0], "adapter_model": ADAPTER_FILES[1]}
+
+
+class AdapterFields(BaseModel):
+    """Everything but the files (the form fields of an upload, or the JSON body)."""
+
+    model_config = ConfigDict(extra="forbid")
+    name: str = Field(pattern=NAME_RE.pattern)  # how requests name it (`model` field)
+    description: str = Field("", max_length=2000)  # card: what it is for (AAS reads it)
+    examples: list[str] = Field(default_factory=list, max_length=32)  # card: typical prompts
+    public: bool = False  # every tenant may see and use it
+    base_model: str | None = None  # edge model it applies to (default: the first edge model)
+    path: str | None = None  # JSON only: a server-local PEFT directory to copy in
+
+
+class AdapterOut(BaseModel):
+    id: str  # the name to put in `model` (owner/name for another tenant's public adapter)
+    object: Literal["adapter"] = "adapter"
+    name: str
+    owner: str
+    public: bool
+    description: str
+    examples: list[str]
+    base_model: str
+    created: int
+    rank: int | None = None  # from the engine, once loaded
+    alpha: float | None = None
+    target_modules: list[str] | None = None
+    size_bytes: int | None = None
+    tier: str | None = None  # where its weights are now: device | host | disk
+    error: str | None = None  # why it is unusable (failed to load at startup)
+
+
+class AdapterList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[AdapterOut]
+
+
+class AdapterDeleted(BaseModel):
+    id: str
+    object: Literal["adapter"] = "adapter"
+    deleted: bool = True
+
+
+def _out(catalog: AdapterCatalog, rec: AdapterRecord, tenant: Tenant) -> AdapterOut:
+    info = catalog.info(rec)
+    extra: dict[str, Any] = {}
+    if info is not None:
+        extra = {"rank": info.rank, "alpha": info.alpha,
+                 "target_modules": sorted(info.target_modules), "size_bytes": info.size_bytes,
+                 "tier": str(getattr(info.tier, "value", info.tier))}
+    return AdapterOut(id=rec.ref(tenant), name=rec.name, owner=rec.owner, public=rec.public,
+                      description=rec.card.description, examples=rec.card.examples,
+                      base_model=rec.base_model, created=rec.created, error=rec.error, **extra)
+
+
+def _fields(data: dict[str, Any]) -> AdapterFields:
+    try:
+        return AdapterFields.model_validate(data)
+    except ValidationError as exc:  # the same 400 as a bad JSON body
+        raise RequestValidationError(exc.errors()) from exc
+
+
+def _copy_capped(src: IO[bytes], dst: Path, limit: int, field: str) -> None:
+    written = 0
+    with dst.open("wb") as out:
+        while chunk := src.read(1 << 20):
+            written += len(chunk)
+            if written > limit:
+                raise PayloadTooLargeError(
+                    f"{field} is over the {limit >> 20} MiB limit (adapter_upload_mb)", field=field)
+            out.write(chunk)
+
+
+def _stage_local(fields: AdapterFields, staging: Path, roots: list[Path], limit: int) -> None:
+    """Copy the two files of a server-local directory (only under an allowed root)."""
+    assert fields.path is not None
+    src = Path(fields.path).resolve()
+    allowed = [Path(r).resolve() for r in roots]
+    if not any(src == r or src.is_relative_to(r) for r in allowed):
+        raise BadRequestError(
+            f"path {fields.path!r} is not under an allowed import directory "
+            f"(adapter_import_dirs: {[str(r) for r in allowed] or 'none configured'})",
+            field="path")
+    if not src.is_dir():
+        raise BadRequestError(f"path {fields.path!r} is not a directory", field="path")
+    for name in ADAPTER_FILES:
+        if not (src / name).is_file():
+            hint = ("; pickle (.bin) adapters are refused: save with safetensors"
+                    if name.endswith(".safetensors") and (src / "adapter_model.bin").exists()
+                    else "")
+            raise BadRequestError(f"path {fields.path!r} has no {name}{hint}", field="path")
+        with (src / name).open("rb") as f:
+            _copy_capped(f, staging / name, limit, "path")
+
+
+async def _parse(request: Request) -> tuple[AdapterFields, dict[str, UploadFile]]:
+    ctype = request.headers.get("content-type", "")
+    if ctype.startswith("multipart/form-data"):
+        form = await request.form(max_files=len(_FILE_FIELDS), max_fields=64)
+        files: dict[str, UploadFile] = {}
+        data: dict[str, Any] = {}
+        for key, value in form.multi_items():
+            if isinstance(value, UploadFile):
+                if key not in _FILE_FIELDS:
+                    raise BadRequestError(f"unexpected file field {key!r}; send "
+                                          "adapter_config and adapter_model", field=key)
+                files[key] = value
+            elif key == "examples":
+                data.setdefault("examples", []).append(value)
+            elif key == "path":
+                raise BadRequestError("path is for JSON registration; upload the files "
+                                      "instead", field="path")
+            else:
+                data[key] = value
+        return _fields(data), files
+    if ctype.startswith("application/json"):
+        try:
+            body = json.loads(await request.body())
+        except ValueError as exc:
+            raise BadRequestError(f"body is not valid JSON: {exc}", field="body") from exc
+        if not isinstance(body, dict):
+            raise BadRequestError("body must be a JSON object", field="body")
+        fields = _fields(body)
+        if fields.path is None:
+            raise BadRequestError("JSON registration needs path (a server-local PEFT "
+                                  "directory); to send the files use multipart/form-data",
+                                  field="path")
+        return fields, {}
+    raise BadRequestError(f"content-type {ctype or 'none'!r}: send multipart/form-data "
+                          "(files) or application/json (path)", field="content-type")
+
+
+@router.post("/v1/adapters", response_model=AdapterOut, status_code=201)
+async def create_adapter(request: Request, tenant: Tenant = Depends(get_tenant),  # noqa: B008
+                         catalog: AdapterCatalog = Depends(get_catalog)) -> AdapterOut:  # noqa: B008
+    settings = request.app.state.settings
+    limit = settings.adapter_upload_mb << 20
+    length = request.headers.get("content-length", "")
+    if length.isdigit() and int(length) > 2 * limit + (1 << 20):  # refuse before reading it
+        raise PayloadTooLargeError(f"body of {length} bytes is over twice the "
+                                   f"{settings.adapter_upload_mb} MiB per-file limit",
+                                   field="body")
+    fields, files = await _parse(request)
+    catalog.check_new(tenant, fields.name, fields.base_model)  # cheap refusals first
+    staging = catalog.tmp_dir / uuid.uuid4().hex
+    staging.mkdir()
+    try:
+        if fields.path is not None:
+            await asyncio.to_thread(_stage_local, fields, staging, settings.adapter_import_dirs,
+                                    limit)
+        else:
+            for field, fname in _FILE_FIELDS.items():
+                upload = files.get(field)
+                if upload is None:
+                    raise BadRequestError(f"missing file field {field} ({fname})", field=field)
+                if (upload.filename or "").endswith((".bin", ".pt", ".pth", ".pkl")):
+                    raise BadRequestError(f"{field}: pickle files ({upload.filename}) are "
+                                          "refused; send adapter_model.safetensors", field=field)
+                await asyncio.to_thread(_copy_capped, upload.file, staging / fname, limit, field)
+        card = AdapterCard(description=fields.description, examples=fields.examples)
+        rec = await asyncio.to_thread(catalog.register, tenant, fields.name, staging, card,
+                                      fields.public, fields.base_model)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)  # moved away on success
+        for upload in files.values():
+            await upload.close()
+    return _out(catalog, rec, tenant)
+
+
+@router.get("/v1/adapters", response_model=AdapterList)
+async def list_adapters(tenant: Tenant = Depends(get_tenant),  # noqa: B008
+                        catalog: AdapterCatalog = Depends(get_catalog)) -> AdapterList:  # noqa: B008
+    return AdapterList(data=[_out(catalog, r, tenant) for r in catalog.visible(tenant)])
+
+
+@router.get("/v1/adapters/{ref:path}", response_model=AdapterOut)
+async def get_adapter(ref: str, tenant: Tenant = Depends(get_tenant),  # noqa: B008
+                      catalog: AdapterCatalog = Depends(get_catalog)) -> AdapterOut:  # noqa: B008
+    return _out(catalog, catalog.resolve(tenant, ref, field="name"), tenant)
+
+
+@router.delete("/v1/adapters/{ref:path}", response_model=AdapterDeleted)
+async def delete_adapter(ref: str, tenant: Tenant = Depends(get_tenant),  # noqa: B008
+                         catalog: AdapterCatalog = Depends(get_catalog)) -> AdapterDeleted:  # noqa: B008
+    await asyncio.to_thread(catalog.delete, tenant, ref)
+    return AdapterDeleted(id=ref)
