@@ -52,5 +52,7 @@ def build_pipeline(settings: ServeSettings, metrics: Metrics, progress: bool = T
     policy = PolicyConfig(default_max_points=settings.default_max_points,
                           words_per_point=settings.words_per_point,
                           point_tokens=settings.point_tokens)
+    edge_generators = {spec: get(spec) for spec in settings.edge_models}
     return Pipeline(cloud, EdgePool(workers), policy, metrics,
-                    cloud_worker=EdgeWorker(CLOUD_WORKER_ID, cloud))
+                    cloud_worker=EdgeWorker(CLOUD_WORKER_ID, cloud),
+                    edge_generators=edge_generators)
