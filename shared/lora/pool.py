@@ -22,7 +22,12 @@ from pathlib import Path
 
 import torch
 
-from pice.shared.errors import BadRequestError, ConflictError, NotFoundError
+from pice.shared.errors import (
+    BadRequestError,
+    ConflictError,
+    InvalidAdapterError,
+    NotFoundError,
+)
 from pice.shared.lora.adapter import (
     AdapterInfo,
     AdapterSpec,
@@ -232,7 +237,10 @@ class AdapterPool:
             loaded: LoadedAdapter | None = load_adapter(entry.spec, self.dtype)
         except Exception as exc:  # file changed or vanished since validation
             log.warning("loading adapter %r failed: %s", name, exc)
-            loaded, entry.error = None, exc
+            loaded = None
+            entry.error = InvalidAdapterError(
+                f"adapter {name!r} could not be read ({type(exc).__name__}: {exc}); remove it "
+                "and add it again", field="adapter")
         with self._loaded:
             entry.loading = False
             if loaded is not None and self._entries.get(name) is entry:
