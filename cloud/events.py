@@ -17,6 +17,12 @@ class SectionEvent:
     worker: str
     logprob: float  # mean per-token log-probability of the expansion
     tokens: int
+    model: str = ""  # edge model that wrote the winning candidate
+    adapter: str | None = None  # its LoRA adapter (None → base model)
+    candidate: int = 0  # winning ensemble candidate number
+    score: float | None = None  # its selection score (None: written by the cloud)
+    candidates: list[dict[str, object]] = field(default_factory=list)  # every candidate's scores
+    repaired: str | None = None  # why the quality guard had the cloud rewrite it, if it did
 
 
 @dataclass
@@ -36,6 +42,8 @@ class DoneEvent:
     tokens: dict[str, int]  # prompt, cloud, edge
     finish_reason: str = "stop"
     sections: list[SectionEvent] = field(default_factory=list)
+    ensemble: int = 1  # candidates per point that ran (progressive)
+    repaired: list[dict[str, object]] = field(default_factory=list)  # the quality guard's points
 
 
 Event = SketchEvent | SectionEvent | DeltaEvent | DoneEvent

@@ -20,3 +20,8 @@ class Metrics:
                                        ["stage"], buckets=_BUCKETS, registry=self.registry)
         self.tokens = Counter("pice_tokens", "Generated tokens by tier", ["tier"],
                               registry=self.registry)
+        self.guard_repairs = Counter("pice_guard_repairs",
+                                     "Points the quality guard had re-expanded, by reason",
+                                     ["reason"], registry=self.registry)
+        self.ensemble_wins = Counter("pice_ensemble_wins", "Winning candidates by source",
+                                     ["model", "adapter"], registry=self.registry)

@@ -11,7 +11,9 @@ from dataclasses import dataclass, field
 
 from pice.cloud.aggregator import aggregate
 from pice.cloud.edge_pool import EdgePool
+from pice.cloud.ensemble import EnsembleConfig, EnsembleStats, PointExpander
 from pice.cloud.events import DeltaEvent, DoneEvent, Event, SectionEvent, SketchEvent
+from pice.cloud.guard import GuardConfig
 from pice.cloud.metrics import Metrics
 from pice.cloud.sketcher import parse_sketch, sketch_messages
 from pice.scheduler.policy import Decision, PolicyConfig, QueryFeatures, decide
@@ -56,8 +58,14 @@ class _Clock:
 class Pipeline:
     def __init__(self, cloud: TextGenerator, edges: EdgePool, policy: PolicyConfig,
                  metrics: Metrics, cloud_worker: ExpansionWorker | None = None,
-                 edge_generators: dict[str, TextGenerator] | None = None) -> None:
+                 edge_generators: dict[str, TextGenerator] | None = None,
+                 ensemble: EnsembleConfig | None = None) -> None:
         self.cloud = cloud
+        # ensemble candidates per point, selection and the quality guard (default: one candidate,
+        # guard off)
+        self.expander = PointExpander(
+            ensemble or EnsembleConfig(k=1, guard=GuardConfig(enabled=False)), metrics,
+            cloud_worker)
         # in-process edge models by spec: they answer directly (`model` = edge model/adapter)
         self.edge_generators = dict(edge_generators or {})
         # expands points on the cloud model when an edge fails mid-answer (None: answer in full)
@@ -142,12 +150,17 @@ class Pipeline:
                  for i in range(len(points))]
         t1 = time.perf_counter()
         results: dict[int, ExpansionResult] = {}
+        picked: dict[int, SectionEvent] = {}  # sections with their candidates' scores
+        stats = EnsembleStats()
         reason = decision.reason
         try:
-            async for r in self.edges.dispatch(tasks):
-                results[r.index] = r
+            async for p in self.expander.expand_points(
+                    self.edges.dispatch, tasks, getattr(decision, "ensemble", 1),
+                    list(getattr(decision, "placement", ())), stats):
+                results[p.result.index] = p.result
+                picked[p.result.index] = p.section
                 clock.first_output()
-                yield _section(r)
+                yield p.section
         except Exception as exc:  # a failed edge never loses the request
             missing = [t for t in tasks if t.index not in results]
             log.warning("request %s: edge failed (%s); %d points left", req.request_id, exc,
@@ -166,8 +179,8 @@ class Pipeline:
             reason = f"{reason}; edge failure: {len(missing)} points expanded in the cloud"
         expansion_s = clock.since(t1)
         ordered = [results[i] for i in range(len(points))]
-        sections = [_section(r) for r in ordered]
-        edge_tokens = sum(r.tokens for r in ordered if r.worker != CLOUD_WORKER_ID)
+        sections = [picked.get(r.index) or _section(r) for r in ordered]
+        edge_tokens = stats.edge_tokens  # every candidate's, winners or not
         cloud_expansion_tokens = sum(r.tokens for r in ordered if r.worker == CLOUD_WORKER_ID)
         timings = {"sketch": sketch_s, "expansion": expansion_s, "total": clock.since(clock.start),
                    "ttft": clock.marks["ttft"]}
@@ -178,7 +191,7 @@ class Pipeline:
             sketch=points, timings=timings,
             tokens={"prompt": out.prompt_tokens,
                     "cloud": out.completion_tokens + cloud_expansion_tokens, "edge": edge_tokens},
-            finish_reason="stop", sections=sections,
+            finish_reason="stop", sections=sections, ensemble=stats.k, repaired=stats.repaired,
         )
 
     def _observe(self, mode: str, endpoint: str, timings: dict[str, float], cloud_tokens: int,

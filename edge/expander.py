@@ -80,7 +80,7 @@ class EdgeWorker:
             for i, out in self.generator.generate_iter(prompts, params, adapters):
                 t = tasks[i]
                 yield ExpansionResult(
-                    request_id=t.request_id, index=t.index,
+                    request_id=t.request_id, index=t.index, candidate=t.candidate,
                     text=f"{t.sketch[t.index]}: {clean_expansion(out.text, t.sketch[t.index])}"
                     .rstrip(": "),
                     worker=self.worker_id, model=self.generator.name, adapter=t.adapter,

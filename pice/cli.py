@@ -91,6 +91,22 @@ def cmd_bench_aas(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_train_expander(args: argparse.Namespace) -> int:
+    from pice.edge.distill import DistillConfig
+    from pice.runtime import train_expander
+
+    fields = {"cloud_model": args.cloud_model, "edge_model": args.edge_model,
+              "questions": args.questions, "limit": args.limit, "out_dir": args.out,
+              "data": args.data, "cache_dir": args.cache_dir, "steps": args.steps,
+              "rank": args.rank, "lr": args.lr, "batch_size": args.batch_size,
+              "batch_questions": args.batch_questions, "last_layers": args.last_layers,
+              "max_seq_len": args.max_seq_len, "checkpoint_every": args.checkpoint_every,
+              "resume": args.resume, "threads": args.threads}
+    cfg = DistillConfig(**{k: v for k, v in fields.items() if v is not None})
+    print(json.dumps(train_expander(cfg, args.stage), indent=2))
+    return 0
+
+
 def _model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--cloud-model", help=f"cloud model spec (default {DEFAULT_CLOUD_MODEL})")
     p.add_argument("--edge-model", action="append",
@@ -145,6 +161,30 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--max-tokens", type=int, default=256)
     b.add_argument("--out", type=Path, default=Path("bench-results"))
     b.set_defaults(fn=cmd_bench)
+
+    p = sub.add_parser("train", help="train adapters")
+    tsub = p.add_subparsers(dest="train", required=True)
+    t = tsub.add_parser("expander", help="distill the cloud model's point expansions into a LoRA "
+                        "adapter for an edge model (teacher data, then peft training on the CPU)")
+    t.add_argument("--cloud-model", help="teacher (default: the cloud default)")
+    t.add_argument("--edge-model", help="student the adapter is for (default: the edge default)")
+    t.add_argument("--questions", type=Path, help="training questions JSONL (default: shipped)")
+    t.add_argument("--limit", type=int, help="questions to use (0 → all)")
+    t.add_argument("--data", type=Path, help="teacher pairs JSONL (default <out>/pairs.jsonl)")
+    t.add_argument("--out", type=Path, help="adapter directory (default adapters/expander)")
+    t.add_argument("--stage", choices=["all", "data", "train"], default="all")
+    t.add_argument("--steps", type=int)
+    t.add_argument("--rank", type=int)
+    t.add_argument("--lr", type=float)
+    t.add_argument("--batch-size", type=int)
+    t.add_argument("--batch-questions", type=int, help="questions per teacher batch")
+    t.add_argument("--last-layers", type=int, help="LoRA on the last N layers only (0 → all)")
+    t.add_argument("--max-seq-len", type=int)
+    t.add_argument("--checkpoint-every", type=int)
+    t.add_argument("--resume", action="store_true", help="continue from <out>/checkpoint")
+    t.add_argument("--cache-dir", type=Path)
+    t.add_argument("--threads", type=int)
+    t.set_defaults(fn=cmd_train_expander)
     a = bsub.add_parser("aas", help="automatic adapter selection on the labeled routing set")
     a.add_argument("--resident", type=int, default=3, help="resident adapters per cache trial")
     a.add_argument("--trials", type=int, default=50, help="random resident sets per margin")

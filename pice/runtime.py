@@ -4,19 +4,35 @@ into the cloud pipeline. (It alone imports both `pice.cloud` and `pice.edge`.)""
 from __future__ import annotations
 
 import logging
+import time
+from collections.abc import Callable
+from typing import Any
 
 import torch
 
 from pice.cloud.edge_pool import EdgePool
+from pice.cloud.ensemble import EnsembleConfig, Source
+from pice.cloud.guard import GuardConfig
 from pice.cloud.metrics import Metrics
 from pice.cloud.pipeline import Pipeline
+from pice.cloud.sketcher import parse_sketch, sketch_messages
+from pice.edge.distill import (
+    EXPANDER_ADAPTER,
+    DistillConfig,
+    generate_pairs,
+    load_questions,
+    shipped_adapter,
+    train_adapter,
+)
 from pice.edge.expander import EdgeWorker
 from pice.scheduler.policy import PolicyConfig
 from pice.shared.backend import TextGenerator
 from pice.shared.config import ServeSettings
 from pice.shared.engine.generator import EngineGenerator
+from pice.shared.errors import PiceError
 from pice.shared.hf_backend import HFGenerator
 from pice.shared.models import resolve_model
+from pice.shared.sampling import SamplingParams
 from pice.shared.worker import CLOUD_WORKER_ID
 
 log = logging.getLogger(__name__)
@@ -55,4 +71,59 @@ def build_pipeline(settings: ServeSettings, metrics: Metrics, progress: bool = T
     edge_generators = {spec: get(spec) for spec in settings.edge_models}
     return Pipeline(cloud, EdgePool(workers), policy, metrics,
                     cloud_worker=EdgeWorker(CLOUD_WORKER_ID, cloud),
-                    edge_generators=edge_generators)
+                    edge_generators=edge_generators,
+                    ensemble=ensemble_config(settings, edge_generators))
+
+
+def ensemble_config(settings: ServeSettings,
+                    generators: dict[str, TextGenerator]) -> EnsembleConfig:
+    """Ensemble candidates in order of preference: the shipped distilled adapter on its edge
+    model (where it loads), then each edge model's base; the scheduler's k picks how many."""
+    sources: list[Source] = []
+    for spec, gen in generators.items():
+        path = shipped_adapter(spec) if settings.expander_adapter else None
+        if path is None:
+            continue
+        try:
+            gen.add_adapter(EXPANDER_ADAPTER, path)
+        except PiceError as exc:  # e.g. the hf backend serves no adapters
+            log.warning("expander adapter for %s not loaded: %s", spec, exc)
+            continue
+        sources.append(Source(model=spec, adapter=EXPANDER_ADAPTER))
+    sources += [Source(model=spec) for spec in dict.fromkeys(settings.edge_models)]
+    return EnsembleConfig(sources=sources, k=len(sources),
+                          guard=GuardConfig(enabled=settings.guard,
+                                            threshold=settings.guard_threshold))
+
+
+def sketch_batch(cloud: TextGenerator, max_points: int, words_per_point: int,
+                 ) -> Callable[[list[str]], list[list[str]]]:
+    """Questions → their sketches, one batched generation on the cloud model ([] if unusable)."""
+    def run(questions: list[str]) -> list[list[str]]:
+        prompts = [cloud.render_chat(sketch_messages(q, max_points, words_per_point))
+                   for q in questions]
+        params = SamplingParams(max_tokens=8 + max_points * (words_per_point * 2 + 4))
+        return [parse_sketch(o.text, max_points, words_per_point)
+                for o in cloud.generate(prompts, params)]
+    return run
+
+
+def train_expander(cfg: DistillConfig, stage: str = "all", progress: bool = True) -> dict[str, Any]:
+    """`pice train expander`: teacher data from the cloud model (stage "data"), then the LoRA
+    for the edge model (stage "train"); "all" does both. Returns what was done."""
+    settings = ServeSettings(cloud_model=cfg.cloud_model, edge_models=[cfg.edge_model],
+                             cache_dir=cfg.cache_dir, threads=cfg.threads)
+    set_threads(settings.threads)
+    report: dict[str, Any] = {}
+    if stage in ("all", "data"):
+        t0 = time.perf_counter()
+        teacher = load_generator(cfg.cloud_model, settings, progress)
+        written = generate_pairs(load_questions(cfg.questions, cfg.limit), teacher,
+                                 sketch_batch(teacher, cfg.max_points, cfg.words_per_point),
+                                 cfg.pairs_path, cfg.batch_questions, cfg.point_tokens, progress)
+        report["data"] = {"questions_written": written, "pairs": str(cfg.pairs_path),
+                          "seconds": time.perf_counter() - t0}
+    if stage in ("all", "train"):
+        base = resolve_model(cfg.edge_model, cfg.cache_dir, progress=progress).path
+        report["train"] = train_adapter(cfg, base, progress)
+    return report

@@ -33,6 +33,10 @@ class ServeSettings(BaseSettings):
     default_max_points: int = Field(6, ge=1, le=10)
     words_per_point: int = Field(5, ge=1, le=20)
     point_tokens: int = Field(64, ge=8, le=1024)  # edge budget per point
+    # ensemble expansion: quality guard and the distilled expansion adapter
+    guard: bool = True  # re-expand empty, cut-off and low-scoring points in the cloud
+    guard_threshold: float = Field(0.45, ge=0.0, le=1.0)  # selection score below → repair
+    expander_adapter: bool = True  # load the shipped distilled adapter for its edge model
     # tenants: JSON {"tenants": {name: ["sha256:<hex of the key>", ...]}}; None → open, one
     # tenant "default" (no key needed)
     api_keys_file: Path | None = None

@@ -44,7 +44,8 @@ async def progressive(body: ProgressiveRequest, request: Request,
     assert done is not None, "pipeline ended without a DoneEvent"
     return ProgressiveResponse(mode=done.mode, reason=done.reason, sketch=done.sketch,
                                timings=done.timings, tokens=done.tokens, text=done.text,
-                               sections=[SectionOut(**asdict(s)) for s in done.sections])
+                               sections=[SectionOut(**asdict(s)) for s in done.sections],
+                               ensemble=done.ensemble, repaired=done.repaired)
 
 
 async def _events(pipeline: Pipeline, req: AnswerRequest) -> AsyncIterator[dict[str, str]]:

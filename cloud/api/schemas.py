@@ -148,8 +148,16 @@ class SectionOut(BaseModel):
     worker: str
     logprob: float
     tokens: int
+    model: str = ""  # edge model of the winning ensemble candidate
+    adapter: str | None = None  # its LoRA adapter
+    candidate: int = 0  # winning candidate number
+    score: float | None = None  # its selection score (None: written by the cloud)
+    candidates: list[dict[str, Any]] = Field(default_factory=list)  # every candidate's scores
+    repaired: str | None = None  # why the quality guard had the cloud rewrite it
 
 
 class ProgressiveResponse(PiceReport):
     text: str
     sections: list[SectionOut]
+    ensemble: int = 1  # candidates per point
+    repaired: list[dict[str, Any]] = Field(default_factory=list)  # the quality guard's points

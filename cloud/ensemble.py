@@ -1,0 +1,190 @@
+"""Ensemble expansion of one answer: k candidate tasks per point (each on another edge model
+and/or adapter), the winner per point chosen as its candidates come in, and the guard's repairs
+by the cloud model. The pipeline consumes `expand_points` like a plain dispatch."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import logging
+from collections.abc import AsyncIterator, Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from pice.cloud.events import SectionEvent
+from pice.cloud.guard import GuardConfig, finish, verdict
+from pice.cloud.metrics import Metrics
+from pice.cloud.selection import CandidateScore, SelectionWeights, select
+from pice.shared.embeddings import Embedder, get_embedder
+from pice.shared.protocol import ExpansionResult, ExpansionTask
+from pice.shared.worker import CLOUD_WORKER_ID, ExpansionWorker
+
+log = logging.getLogger(__name__)
+
+# EdgePool.dispatch: tasks and {task position: edge id} → results as they arrive
+Dispatch = Callable[[list[ExpansionTask], Mapping[int, str]], AsyncIterator[ExpansionResult]]
+
+
+class Source(BaseModel):
+    """Where one candidate runs: an edge model (None → any) and an adapter (None → base)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    model: str | None = None
+    adapter: str | None = None
+
+
+class EnsembleConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    # where candidates 0, 1, … run, in order of preference
+    sources: list[Source] = Field(default_factory=lambda: [Source()], min_length=1)
+    k: int = Field(3, ge=1, le=16)  # candidates per point when the scheduler sets none
+    weights: SelectionWeights = Field(default_factory=SelectionWeights)
+    guard: GuardConfig = Field(default_factory=GuardConfig)
+
+
+def ensemble_tasks(tasks: list[ExpansionTask], k: int,
+                   sources: list[Source]) -> list[ExpansionTask]:
+    """min(k, len(sources)) candidates of every point; candidate c runs sources[c]. Tasks that
+    already name a model or adapter (the client asked for it) run as they are, alone."""
+    if any(t.model is not None or t.adapter is not None for t in tasks):
+        return list(tasks)
+    k = max(1, min(k, len(sources)))
+    return [t.model_copy(update={"candidate": c, "model": sources[c].model,
+                                 "adapter": sources[c].adapter})
+            for t in tasks for c in range(k)]
+
+
+@dataclass
+class Picked:
+    """A point's final expansion, and its section event."""
+
+    result: ExpansionResult
+    section: SectionEvent
+
+
+@dataclass
+class EnsembleStats:
+    k: int = 1
+    edge_tokens: int = 0  # every candidate's tokens, winners or not
+    repaired: list[dict[str, object]] = field(default_factory=list)
+
+
+def _section(r: ExpansionResult, scores: list[CandidateScore], repaired: str | None
+             ) -> SectionEvent:
+    winner = next((s for s in scores if s.candidate == r.candidate and s.worker == r.worker),
+                  None)
+    return SectionEvent(r.index, r.text, r.worker, r.mean_logprob, r.tokens, model=r.model,
+                        adapter=r.adapter, candidate=r.candidate,
+                        score=winner.score if winner else None,
+                        candidates=[s.as_dict() for s in scores], repaired=repaired)
+
+
+class PointExpander:
+    """Runs one answer's expansion through `dispatch` and yields one Picked per point."""
+
+    def __init__(self, cfg: EnsembleConfig, metrics: Metrics,
+                 cloud_worker: ExpansionWorker | None,
+                 embedder: Callable[[], Embedder] = get_embedder) -> None:
+        self.cfg = cfg
+        self.metrics = metrics
+        self.cloud_worker = cloud_worker
+        self.embedder = embedder
+
+    async def expand_points(self, dispatch: Dispatch, tasks: list[ExpansionTask], k: int,
+                            placement: list[str], stats: EnsembleStats) -> AsyncIterator[Picked]:
+        """`tasks`: one per point; `placement`: the scheduler's edge per point (its candidates
+        go there when that edge runs their model). A point is decided once all its candidates
+        are in; if the dispatch fails, points with some candidates are decided on those (the
+        exception then propagates, and the caller handles the points with none)."""
+        candidates = ensemble_tasks(tasks, k, self.cfg.sources)
+        edge_of = dict(enumerate(placement))
+        where = {pos: edge_of[t.index] for pos, t in enumerate(candidates) if t.index in edge_of}
+        stats.k = len(candidates) // max(1, len(tasks))
+        expected = {t.index: 0 for t in tasks}
+        for t in candidates:
+            expected[t.index] += 1
+        base = {t.index: t for t in tasks}
+        arrived: dict[int, list[ExpansionResult]] = {}
+        repairs: list[tuple[ExpansionResult, list[CandidateScore], str]] = []
+        try:
+            async for r in dispatch(candidates, where):
+                if r.worker != CLOUD_WORKER_ID:
+                    stats.edge_tokens += r.tokens
+                got = arrived.setdefault(r.index, [])
+                got.append(r)
+                if len(got) == expected[r.index]:
+                    picked = await self._decide(base[r.index], arrived.pop(r.index), repairs)
+                    if picked is not None:
+                        yield picked
+        except Exception:
+            for index in sorted(arrived):  # decide what did arrive; the rest is the caller's
+                picked = await self._decide(base[index], arrived.pop(index), repairs)
+                if picked is not None:
+                    yield picked
+            async for picked in self._repair(repairs, base, stats):
+                yield picked
+            raise
+        async for picked in self._repair(repairs, base, stats):
+            yield picked
+
+    async def _decide(self, task: ExpansionTask, got: list[ExpansionResult],
+                      repairs: list[tuple[ExpansionResult, list[CandidateScore], str]],
+                      ) -> Picked | None:
+        point = task.sketch[task.index]
+        got.sort(key=lambda r: r.candidate)
+        winner, scores = await asyncio.to_thread(select, task.question, point, got,
+                                                 self.embedder(), self.cfg.weights)
+        best = next(s for s in scores if s.candidate == winner.candidate)
+        self.metrics.ensemble_wins.labels(winner.model, winner.adapter or "").inc()
+        if not self.cfg.guard.enabled:
+            return Picked(winner, _section(winner, scores, None))
+        why = verdict(winner, point, best.score, self.cfg.guard)
+        if why is not None and (self.cloud_worker is not None or why != "low score"):
+            repairs.append((winner, scores, why))
+            return None
+        final = finish(winner, point)
+        return Picked(final, _section(final, scores, None))
+
+    async def _repair(self, repairs: list[tuple[ExpansionResult, list[CandidateScore], str]],
+                      base: dict[int, ExpansionTask], stats: EnsembleStats,
+                      ) -> AsyncIterator[Picked]:
+        """The guard's points, re-expanded by the cloud model in one batch (or, without a cloud
+        worker, finished at a sentence end)."""
+        if not repairs:
+            return
+        todo, repairs[:] = list(repairs), []
+        fixed: dict[int, ExpansionResult] = {}
+        if self.cloud_worker is not None:
+            tasks = [base[r.index].model_copy(update={
+                "max_tokens": int(base[r.index].max_tokens * self.cfg.guard.repair_token_factor),
+                "model": None, "adapter": None, "candidate": 0}) for r, _, _ in todo]
+            fixed = {r.index: r for r in
+                     await asyncio.to_thread(self.cloud_worker.expand, tasks)}
+        for r, scores, why in todo:
+            point = base[r.index].sketch[r.index]
+            final = finish(fixed.get(r.index, r), point)
+            self.metrics.guard_repairs.labels(why).inc()
+            best = next(s for s in scores if s.candidate == r.candidate)
+            stats.repaired.append({"index": r.index, "reason": why, "score": best.score,
+                                   "by": final.worker})
+            log.info("guard: point %d (%s, score %.3f) repaired by %s", r.index, why,
+                     best.score, final.worker)
+            yield Picked(final, _section(final, scores, why))
+
+
+class PinnedEnsemble:
+    """A scheduler whose progressive decisions run exactly k candidates per point (benchmarks
+    and operators comparing ensemble sizes); everything else is the wrapped scheduler's."""
+
+    def __init__(self, scheduler: Any, k: int) -> None:
+        self.inner = scheduler
+        self.k = k
+
+    def decide(self, q: Any, edges: Any) -> Any:
+        d = self.inner.decide(q, edges)
+        return dataclasses.replace(d, ensemble=self.k) if d.mode == "progressive" else d
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.inner, name)

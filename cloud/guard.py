@@ -1,0 +1,53 @@
+"""Quality guard: a point whose best candidate is empty, cut off (hit its token budget without
+ending a sentence) or scores under the threshold is re-expanded by the cloud model; whatever the
+cloud returns is finished at a sentence end, so no answer carries an empty or cut-off section."""
+
+from __future__ import annotations
+
+import re
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from pice.cloud.selection import body
+from pice.shared.protocol import ExpansionResult
+
+_SENTENCE_END = re.compile(r"""[.!?…](?:["')\]]*)\s*$""")
+_LAST_SENTENCE_END = re.compile(r"""^(.*[.!?…]["')\]]*)(?:\s|$)""", re.S)
+
+
+class GuardConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    enabled: bool = True  # False: sections pass through untouched (scores still computed)
+    threshold: float = Field(0.45, ge=0.0, le=1.0)  # combined selection score below → repair
+    repair_token_factor: float = Field(2.0, ge=1.0, le=8.0)  # cloud budget vs the edge's
+
+
+def cut_off(result: ExpansionResult, point: str) -> bool:
+    """Stopped by the token budget in the middle of a sentence."""
+    return result.finish_reason == "length" and not _SENTENCE_END.search(body(result, point))
+
+
+def verdict(result: ExpansionResult, point: str, score: float | None,
+            cfg: GuardConfig) -> str | None:
+    """Why this point must be repaired ("empty", "cut off", "low score"), or None (whether or
+    not the guard is enabled)."""
+    if not body(result, point):
+        return "empty"
+    if cut_off(result, point):
+        return "cut off"
+    if score is not None and score < cfg.threshold:
+        return "low score"
+    return None
+
+
+def finish(result: ExpansionResult, point: str) -> ExpansionResult:
+    """The result with a cut-off tail dropped back to its last full sentence (a cut-off text
+    without any sentence end gets a closing period); never empty: the point title stands in."""
+    text = body(result, point)
+    if text and cut_off(result, point):
+        m = _LAST_SENTENCE_END.match(text)
+        text = m.group(1) if m else text.rstrip(" ,;:-—") + "."
+    if not text:
+        text = f"{point}."
+        return result.model_copy(update={"text": text})
+    return result.model_copy(update={"text": f"{point}: {text}" if point else text})

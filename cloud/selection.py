@@ -1,0 +1,84 @@
+"""Ensemble selection: every candidate expansion of a point gets a score from its confidence (the
+model's own length-normalized token probability), its agreement with the point's other candidates
+and its relevance to the point and the question (sentence-embedding similarities); the best
+score wins."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+
+import numpy as np
+from pydantic import BaseModel, ConfigDict, Field
+
+from pice.shared.embeddings import Embedder
+from pice.shared.protocol import ExpansionResult
+
+
+class SelectionWeights(BaseModel):
+    """Weights of the three signals in the combined score (renormalized over those present)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    confidence: float = Field(1.0, ge=0.0)
+    agreement: float = Field(1.0, ge=0.0)
+    relevance: float = Field(1.0, ge=0.0)
+
+
+@dataclass(frozen=True)
+class CandidateScore:
+    candidate: int
+    worker: str
+    model: str
+    adapter: str | None
+    confidence: float  # exp(mean token logprob): geometric-mean token probability, in [0, 1]
+    agreement: float | None  # mean cosine similarity to the point's other candidates (None: alone)
+    relevance: float  # mean cosine similarity to the point title and to the question
+    score: float  # weighted mean of the signals present; 0 for an empty expansion
+
+    def as_dict(self) -> dict[str, object]:
+        return asdict(self)
+
+
+def body(result: ExpansionResult, point: str) -> str:
+    """The expansion without its "point: " head."""
+    text = result.text.strip()
+    if point and text.startswith(point):
+        text = text[len(point):]
+    return text.lstrip(" :.-—").strip()
+
+
+def score_candidates(question: str, point: str, candidates: list[ExpansionResult],
+                     embedder: Embedder,
+                     weights: SelectionWeights | None = None) -> list[CandidateScore]:
+    """Scores in the order of `candidates` (one embedding batch for the point)."""
+    w = weights or SelectionWeights()
+    bodies = [body(c, point) for c in candidates]
+    emb = embedder.encode([point, question, *[b or point for b in bodies]])  # [2 + k, dim]
+    cand = emb[2:]  # [k, dim]
+    sims = cand @ cand.T  # [k, k]
+    relevance = (cand @ emb[0] + cand @ emb[1]) / 2  # [k]
+    k = len(candidates)
+    scores = []
+    for i, (c, text) in enumerate(zip(candidates, bodies, strict=True)):
+        confidence = math.exp(min(0.0, c.mean_logprob)) if c.tokens else 0.0
+        others = [float(sims[i, j]) for j in range(k) if j != i and bodies[j]]
+        agreement = float(np.mean(others)) if others else None
+        signals = [(w.confidence, confidence), (w.relevance, float(relevance[i]))]
+        if agreement is not None:
+            signals.append((w.agreement, agreement))
+        total = sum(wt for wt, _ in signals)
+        score = sum(wt * s for wt, s in signals) / total if total and text else 0.0
+        scores.append(CandidateScore(c.candidate, c.worker, c.model, c.adapter, confidence,
+                                     agreement, float(relevance[i]), score))
+    return scores
+
+
+def select(question: str, point: str, candidates: list[ExpansionResult], embedder: Embedder,
+           weights: SelectionWeights | None = None,
+           ) -> tuple[ExpansionResult, list[CandidateScore]]:
+    """The winning candidate (ties: the lower candidate number) and every candidate's score."""
+    if not candidates:
+        raise ValueError("select needs at least one candidate")
+    scores = score_candidates(question, point, candidates, embedder, weights)
+    best = max(range(len(candidates)), key=lambda i: (scores[i].score, -candidates[i].candidate))
+    return candidates[best], scores

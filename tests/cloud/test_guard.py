@@ -1,0 +1,117 @@
+"""Quality guard: its verdicts, and repairs by the cloud model inside a real pipeline."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+import pytest
+
+from pice.cloud.edge_pool import EdgePool
+from pice.cloud.ensemble import EnsembleConfig
+from pice.cloud.events import DoneEvent, Event, SectionEvent
+from pice.cloud.guard import GuardConfig, cut_off, finish, verdict
+from pice.cloud.metrics import Metrics
+from pice.cloud.pipeline import AnswerRequest, Pipeline
+from pice.edge.expander import EdgeWorker
+from pice.scheduler.policy import PolicyConfig
+from pice.shared.hf_backend import HFGenerator
+from pice.shared.protocol import ExpansionResult
+from pice.shared.worker import CLOUD_WORKER_ID
+from tests.conftest import SKETCH_QUESTIONS
+
+POINT = "Dark room"
+CFG = GuardConfig(threshold=0.4)
+
+
+def result(text: str, finish_reason: str = "stop") -> ExpansionResult:
+    return ExpansionResult(request_id="r", index=0, text=f"{POINT}: {text}".rstrip(": "),
+                           worker="e0", model="m", tokens=9, mean_logprob=-1.0,
+                           finish_reason=finish_reason, seconds=0.1)
+
+
+def test_verdicts() -> None:
+    assert verdict(result(""), POINT, 0.9, CFG) == "empty"
+    assert verdict(result("Close the curtains and", "length"), POINT, 0.9, CFG) == "cut off"
+    assert verdict(result("Close the curtains.", "length"), POINT, 0.9, CFG) is None
+    assert verdict(result("Close the curtains"), POINT, 0.9, CFG) is None  # ended naturally
+    assert verdict(result("Close the curtains."), POINT, 0.39, CFG) == "low score"
+    assert verdict(result("Close the curtains."), POINT, None, CFG) is None
+
+
+def test_finish_never_leaves_a_cut_off_or_empty_section() -> None:
+    trimmed = finish(result("Close the curtains. Then turn off the", "length"), POINT)
+    assert trimmed.text == f"{POINT}: Close the curtains."
+    closed = finish(result("Close the curtains and", "length"), POINT)
+    assert closed.text == f"{POINT}: Close the curtains and." and not cut_off(closed, POINT)
+    assert finish(result(""), POINT).text == f"{POINT}."
+
+
+def run(pipeline: Pipeline, question: str) -> list[Event]:
+    req = AnswerRequest("r1", [{"role": "user", "content": question}], max_tokens=60,
+                        mode="progressive")
+
+    async def collect() -> list[Event]:
+        return [ev async for ev in pipeline.run(req)]
+
+    return asyncio.run(collect())
+
+
+@pytest.fixture(scope="module")
+def models(sketch_model_dir: Path, tiny_model_dir: Path) -> tuple[HFGenerator, HFGenerator]:
+    """The cloud (trained to sketch) and a random edge model whose expansions are junk."""
+    return (HFGenerator(str(sketch_model_dir), max_context=1024),
+            HFGenerator(str(tiny_model_dir), max_context=1024))
+
+
+def pipeline(models: tuple[HFGenerator, HFGenerator], guard: GuardConfig,
+             cloud_worker: bool = True) -> tuple[Pipeline, Metrics]:
+    cloud, edge = models
+    metrics = Metrics()
+    return Pipeline(cloud, EdgePool([EdgeWorker("e0", edge)]), PolicyConfig(), metrics,
+                    cloud_worker=EdgeWorker(CLOUD_WORKER_ID, cloud) if cloud_worker else None,
+                    ensemble=EnsembleConfig(k=1, guard=guard)), metrics
+
+
+def test_points_under_the_threshold_are_rewritten_by_the_cloud(models) -> None:  # type: ignore[no-untyped-def]
+    p, metrics = pipeline(models, GuardConfig(threshold=1.0))  # nothing an edge writes passes
+    events = run(p, SKETCH_QUESTIONS[0])
+    sections = [e for e in events if isinstance(e, SectionEvent)]
+    done = events[-1]
+    assert isinstance(done, DoneEvent) and done.mode == "progressive"
+    assert sorted(s.index for s in sections) == [0, 1, 2]
+    assert all(s.worker == CLOUD_WORKER_ID and s.repaired for s in sections)
+    assert all(s.candidates and s.candidates[0]["worker"] == "e0" for s in sections)
+    assert sorted(r["index"] for r in done.repaired) == [0, 1, 2]
+    counted = sum(metrics.guard_repairs.labels(why)._value.get()
+                  for why in ("empty", "cut off", "low score"))
+    assert counted == 3
+    for s in sections:  # never empty; cut off (used its whole budget) only at a sentence end
+        text = s.text.split(": ", 1)[1] if ": " in s.text else ""
+        assert text.strip()
+        assert s.tokens < 2 * (60 // 3) or text.rstrip()[-1] in ".!?…\"')]"
+    assert done.tokens["edge"] > 0  # the edge's work is counted though it lost
+
+
+def test_disabled_guard_passes_edge_sections_through(models) -> None:  # type: ignore[no-untyped-def]
+    p, metrics = pipeline(models, GuardConfig(enabled=False, threshold=1.0))
+    events = run(p, SKETCH_QUESTIONS[0])
+    sections = [e for e in events if isinstance(e, SectionEvent)]
+    assert len(sections) == 3
+    assert all(s.worker == "e0" and s.repaired is None and s.score is not None
+               for s in sections)
+    done = events[-1]
+    assert isinstance(done, DoneEvent) and done.repaired == []
+
+
+def test_without_a_cloud_worker_low_scores_stand_and_cut_offs_are_finished(models) -> None:  # type: ignore[no-untyped-def]
+    p, _ = pipeline(models, GuardConfig(threshold=1.0), cloud_worker=False)
+    events = run(p, SKETCH_QUESTIONS[0])
+    sections = [e for e in events if isinstance(e, SectionEvent)]
+    assert len(sections) == 3 and all(s.worker == "e0" for s in sections)
+    done = events[-1]
+    assert isinstance(done, DoneEvent)
+    assert all(r["reason"] in ("empty", "cut off") and r["by"] == "e0" for r in done.repaired)
+    for s in sections:
+        assert s.text.rstrip()[-1] in ".!?…\"')]" or s.index not in [
+            r["index"] for r in done.repaired]
