@@ -361,3 +361,20 @@ def test_catalog_restores_after_a_restart(tiny_model_dir: Path, adapters: dict[s
     assert not (tmp_path / "tmp" / "half-written").exists()
     assert second.router.route("SELECT rows joined on a key", ["alice/sql", "alice/cook"],
                                ).adapter == "alice/sql"
+
+
+@pytest.mark.parametrize(("model", "pice", "status", "param", "needle"), [
+    ("gpt-4", {}, 404, "model", "no model or adapter named 'gpt-4'"),
+    ("pice", {"adapter": "nosuch"}, 404, "pice.adapter", "nosuch"),
+    ("EDGE", {"adapter": "nosuch"}, 404, "pice.adapter", "nosuch"),
+    ("sql", {"adapter": "cook"}, 400, "pice.adapter", "conflicts"),
+    ("pice", {"adapter": ""}, 400, "pice.adapter", "at least 1 character"),
+])
+def test_bad_model_or_adapter_names(url: str, tiny_model_dir: Path, model: str,
+                                    pice: dict[str, str], status: int, param: str,
+                                    needle: str) -> None:
+    model = str(tiny_model_dir) if model == "EDGE" else model
+    r = chat(url, ALICE, model, "hi", pice=pice)
+    assert r.status_code == status, r.text
+    err = r.json()["error"]
+    assert err["param"] == param and needle in err["message"]
