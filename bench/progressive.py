@@ -24,7 +24,7 @@ from pice.cloud.events import DoneEvent
 from pice.cloud.metrics import Metrics
 from pice.cloud.pipeline import AnswerRequest, Pipeline
 from pice.runtime import build_pipeline
-from pice.scheduler.policy import QueryFeatures, decide
+from pice.scheduler.policy import QueryFeatures
 from pice.shared.config import ServeSettings
 
 MODES = ("cloud", "progressive")
@@ -89,8 +89,8 @@ async def _one(pipeline: Pipeline, q: dict[str, Any], mode: str, cfg: BenchConfi
         if isinstance(ev, DoneEvent):
             done = ev
     assert done is not None
-    auto = decide(QueryFeatures(q["question"], "auto", cfg.max_tokens, cfg.max_points,
-                                pipeline.edges.available), pipeline.policy)
+    auto = pipeline.scheduler.decide(QueryFeatures(q["question"], "auto", cfg.max_tokens,
+                                                   cfg.max_points), pipeline.edges.snapshot())
     return Row(q["id"], q["category"], q["suits_sketch"], mode, done.mode,
                done.timings["total"], done.timings["ttft"], done.timings.get("sketch", 0.0),
                done.tokens["cloud"],

@@ -18,6 +18,8 @@ class Metrics:
                                  ["reason"], registry=self.registry)
         self.stage_seconds = Histogram("pice_stage_seconds", "Latency of each pipeline stage",
                                        ["stage"], buckets=_BUCKETS, registry=self.registry)
+        self.decisions = Counter("pice_decisions", "Scheduler decisions by mode and reason",
+                                 ["mode", "reason"], registry=self.registry)
         self.tokens = Counter("pice_tokens", "Generated tokens by tier", ["tier"],
                               registry=self.registry)
         self.guard_repairs = Counter("pice_guard_repairs",

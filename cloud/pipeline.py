@@ -16,7 +16,8 @@ from pice.cloud.events import DeltaEvent, DoneEvent, Event, SectionEvent, Sketch
 from pice.cloud.guard import GuardConfig
 from pice.cloud.metrics import Metrics
 from pice.cloud.sketcher import parse_sketch, sketch_messages
-from pice.scheduler.policy import Decision, PolicyConfig, QueryFeatures, decide
+from pice.scheduler.policy import Decision, PolicyConfig, QueryFeatures
+from pice.scheduler.service import Scheduler
 from pice.shared.aio import iterate_in_thread
 from pice.shared.backend import Message, TextGenerator
 from pice.shared.protocol import ExpansionResult, ExpansionTask
@@ -41,6 +42,7 @@ class AnswerRequest:
     prompt_tokens: int | None = None  # filled in once by Pipeline.prompt_tokens
     adapter: str | None = None  # LoRA adapter (engine name) for the edge expansions
     adapter_model: str | None = None  # the edge model that adapter applies to
+    priority: str = "interactive"  # "interactive" | "batch": batch yields the cloud queue
 
 
 @dataclass
@@ -59,6 +61,7 @@ class Pipeline:
     def __init__(self, cloud: TextGenerator, edges: EdgePool, policy: PolicyConfig,
                  metrics: Metrics, cloud_worker: ExpansionWorker | None = None,
                  edge_generators: dict[str, TextGenerator] | None = None,
+                 scheduler: Scheduler | None = None,
                  ensemble: EnsembleConfig | None = None) -> None:
         self.cloud = cloud
         # ensemble candidates per point, selection and the quality guard (default: one candidate,
@@ -66,6 +69,8 @@ class Pipeline:
         self.expander = PointExpander(
             ensemble or EnsembleConfig(k=1, guard=GuardConfig(enabled=False)), metrics,
             cloud_worker)
+        # the dynamic policy over the shipped router unless the caller brings its own
+        self.scheduler = scheduler or Scheduler.build("dynamic", policy)
         # in-process edge models by spec: they answer directly (`model` = edge model/adapter)
         self.edge_generators = dict(edge_generators or {})
         # expands points on the cloud model when an edge fails mid-answer (None: answer in full)
@@ -88,16 +93,20 @@ class Pipeline:
     async def run(self, req: AnswerRequest) -> AsyncIterator[Event]:
         question = next(m["content"] for m in reversed(req.messages) if m["role"] == "user")
         prompt_tokens = self.prompt_tokens(req)
-        decision = decide(QueryFeatures(question, req.mode, req.max_tokens, req.max_points,
-                                        self.edges.available, prompt_tokens,
-                                        self.cloud.max_context), self.policy)
+        features = QueryFeatures(question, req.mode, req.max_tokens, req.max_points,
+                                 prompt_tokens, self.cloud.max_context, priority=req.priority,
+                                 model=req.adapter_model, adapter=req.adapter)
+        # the router embeds the question (MiniLM): off the event loop
+        decision = await asyncio.to_thread(self.scheduler.decide, features,
+                                           self.edges.snapshot())
+        self.metrics.decisions.labels(decision.mode, decision.code).inc()
         clock = _Clock()
-        if decision.mode == "progressive":
-            async for ev in self._progressive(req, question, decision, clock):
-                yield ev
-        else:
-            async for ev in self._cloud(req, decision.reason, clock):
-                yield ev
+        events = (self._progressive(req, question, decision, clock)
+                  if decision.mode == "progressive" else self._cloud(req, decision.reason, clock))
+        async for ev in events:
+            if isinstance(ev, DoneEvent) and ev.mode == decision.mode == "cloud":
+                self.scheduler.observe_answer(features, decision, ev.tokens["cloud"])
+            yield ev
 
     async def _cloud(self, req: AnswerRequest, reason: str, clock: _Clock,
                      sketch_timings: dict[str, float] | None = None,
@@ -107,13 +116,17 @@ class Pipeline:
                                 top_p=req.top_p, seed=req.seed, stop=req.stop)
         t0 = time.perf_counter()
         pieces: list[str] = []
-        async for delta in iterate_in_thread(self.cloud.stream(prompt, params)):
-            clock.first_output()
-            pieces.append(delta)
-            yield DeltaEvent(delta)
-        text = "".join(pieces)
-        cloud_s = clock.since(t0)
-        out_tokens = self.cloud.count_tokens(text)
+        self.scheduler.cloud.start(req.priority)
+        try:
+            async for delta in iterate_in_thread(self.cloud.stream(prompt, params)):
+                clock.first_output()
+                pieces.append(delta)
+                yield DeltaEvent(delta)
+        finally:
+            text = "".join(pieces)
+            cloud_s = clock.since(t0)
+            out_tokens = self.cloud.count_tokens(text)
+            self.scheduler.cloud.finish(req.priority, out_tokens, cloud_s)
         timings = {**(sketch_timings or {}), "cloud": cloud_s, "total": clock.since(clock.start),
                    "ttft": clock.marks.get("ttft", clock.since(clock.start))}
         self._observe("cloud", req.endpoint, timings, cloud_tokens=out_tokens + sketch_tokens)
@@ -130,8 +143,13 @@ class Pipeline:
         prompt = self.cloud.render_chat(sketch_messages(question, decision.max_points,
                                                         decision.words_per_point, history))
         t0 = time.perf_counter()
-        [out] = await asyncio.to_thread(self.cloud.generate, [prompt], SamplingParams(
-            max_tokens=decision.sketch_tokens, temperature=0.0))
+        self.scheduler.cloud.start(req.priority)
+        try:
+            [out] = await asyncio.to_thread(self.cloud.generate, [prompt], SamplingParams(
+                max_tokens=decision.sketch_tokens, temperature=0.0))
+        finally:
+            self.scheduler.cloud.finish(req.priority, 0, 0.0)
+        self.scheduler.cloud.observe_rate(out.completion_tokens, clock.since(t0))
         points = parse_sketch(out.text, decision.max_points, decision.words_per_point)
         sketch_s = clock.since(t0)
         if not points:
@@ -156,7 +174,7 @@ class Pipeline:
         try:
             async for p in self.expander.expand_points(
                     self.edges.dispatch, tasks, getattr(decision, "ensemble", 1),
-                    list(getattr(decision, "placement", ())), stats):
+                    list(decision.placement), stats):
                 results[p.result.index] = p.result
                 picked[p.result.index] = p.section
                 clock.first_output()

@@ -56,6 +56,17 @@ def cmd_models(args: argparse.Namespace) -> int:
     return models_main(args.action, args.names, args.cache_dir)
 
 
+def cmd_route(args: argparse.Namespace) -> int:
+    if args.train:
+        from pice.scheduler.train_router import main as train_main
+
+        return train_main([])
+    from pice.scheduler.route_cli import RouteArgs, route
+
+    return route(RouteArgs(args.questions, args.policy, args.max_tokens, args.edges, args.slots,
+                           args.json))
+
+
 def cmd_bench(args: argparse.Namespace) -> int:
     from pice.bench.progressive import BenchConfig, run_bench
 
@@ -143,6 +154,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("names", nargs="*", help="aliases (default: all packaged models)")
     p.add_argument("--cache-dir", type=Path)
     p.set_defaults(fn=cmd_models)
+
+    p = sub.add_parser("route", help="router probability and scheduler decision per question "
+                       "(no LLM loaded)")
+    p.add_argument("questions", nargs="*", help="questions (default: one per line on stdin)")
+    p.add_argument("--json", action="store_true", help="one JSON object per line")
+    p.add_argument("--policy", default="dynamic",
+                   choices=["dynamic", "router-only", "always-cloud", "always-progressive"])
+    p.add_argument("--max-tokens", type=int, default=512)
+    p.add_argument("--edges", type=int, default=1, help="idle edges the decision may use")
+    p.add_argument("--slots", type=int, default=8, help="slots per edge")
+    p.add_argument("--train", action="store_true",
+                   help="retrain the router on the packaged data and rewrite its weights")
+    p.set_defaults(fn=cmd_route)
 
     p = sub.add_parser("bench", help="benchmarks (JSON + PNG)")
     bsub = p.add_subparsers(dest="bench", required=True)

@@ -26,6 +26,8 @@ from pice.edge.distill import (
 )
 from pice.edge.expander import EdgeWorker
 from pice.scheduler.policy import PolicyConfig
+from pice.scheduler.router import SuitabilityRouter
+from pice.scheduler.service import Scheduler
 from pice.shared.backend import TextGenerator
 from pice.shared.config import ServeSettings
 from pice.shared.engine.generator import EngineGenerator
@@ -69,9 +71,11 @@ def build_pipeline(settings: ServeSettings, metrics: Metrics, progress: bool = T
                           words_per_point=settings.words_per_point,
                           point_tokens=settings.point_tokens)
     edge_generators = {spec: get(spec) for spec in settings.edge_models}
+    # the router's weights and MiniLM load once, here, not on the first question
+    scheduler = Scheduler.build(settings.policy, policy, SuitabilityRouter(warm=True))
     return Pipeline(cloud, EdgePool(workers), policy, metrics,
                     cloud_worker=EdgeWorker(CLOUD_WORKER_ID, cloud),
-                    edge_generators=edge_generators,
+                    edge_generators=edge_generators, scheduler=scheduler,
                     ensemble=ensemble_config(settings, edge_generators))
 
 

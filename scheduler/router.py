@@ -53,10 +53,12 @@ class SuitabilityRouter:
     """`probability(questions)` → calibrated P(suits a sketch) per question."""
 
     def __init__(self, weights: RouterWeights | None = None,
-                 embedder: Embedder | None = None) -> None:
+                 embedder: Embedder | None = None, warm: bool = False) -> None:
         self.weights = weights or RouterWeights.load()
         self._embedder = embedder
         self._coef = np.asarray(self.weights.coef, dtype=np.float32)  # [dim]
+        if warm:  # load the embedder now rather than on the first question
+            _ = self.embedder
 
     @property
     def embedder(self) -> Embedder:

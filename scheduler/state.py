@@ -5,6 +5,10 @@ them from its own model of the cluster. No I/O, no tensors."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from pice.scheduler.placement import EdgeIndex
 
 
 @dataclass(frozen=True)
@@ -28,13 +32,26 @@ class EdgeState:
 class CloudState:
     queue_depth: int = 0  # requests waiting for or running on the cloud model
     tokens_per_s: float = 0.0  # measured cloud decode rate of one stream (0: not measured yet)
+    slots: int = 0  # streams the cloud decodes at once; more wait in its queue (0: unknown)
+    batch_depth: int = 0  # of queue_depth, batch-priority requests (interactive ones go first)
 
 
 @dataclass(frozen=True)
 class ClusterState:
     cloud: CloudState = field(default_factory=CloudState)
     edges: tuple[EdgeState, ...] = ()
+    # a live index over the same edges, kept up to date by its owner (the simulator at 10,000
+    # edges); None → the policy indexes `edges` itself for this one decision
+    index: EdgeIndex | None = None
 
     @property
     def free_edge_slots(self) -> int:
+        if self.index is not None:
+            return self.index.free_slots
         return sum(e.free for e in self.edges)
+
+    @property
+    def healthy_edges(self) -> int:
+        if self.index is not None:
+            return self.index.healthy
+        return sum(1 for e in self.edges if e.healthy)

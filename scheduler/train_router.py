@@ -52,7 +52,7 @@ def scores(y: np.ndarray, p: np.ndarray, threshold: float = 0.5, bins: int = 10
     idx = np.clip(np.digitize(p, edges[1:-1]), 0, bins - 1)
     ece = sum(abs(p[idx == b].mean() - y[idx == b].mean()) * (idx == b).mean()
               for b in range(bins) if (idx == b).any())
-    return {"n": int(len(y)), "accuracy": float(accuracy_score(y, pred)),
+    return {"n": len(y), "accuracy": float(accuracy_score(y, pred)),
             "f1": float(f1_score(y, pred)), "brier": float(brier_score_loss(y, p)),
             "ece": float(ece)}
 
@@ -81,10 +81,27 @@ def train(rows: list[dict[str, Any]], bench_rows: list[dict[str, Any]],
                               "split": {k: len(v) for k, v in parts.items()}}
     for name, (x, y) in {"train": (xt, yt), "val": (xv, yv), "test": (xs, ys)}.items():
         report[name] = scores(y, router.probability_from_embeddings(x))
+    report["keyword_rule_test"] = _keyword_scores(parts["test"])
+    # (probability, label) of questions the classifier never saw: the simulator's workload mix
+    mix = [(float(p), bool(y)) for p, y in zip(router.probability_from_embeddings(xs), ys,
+                                               strict=True)]
     if bench_rows:
         xb, yb = xy(bench_rows)
-        report["bench_questions"] = scores(yb, router.probability_from_embeddings(xb))
+        pb = router.probability_from_embeddings(xb)
+        report["bench_questions"] = scores(yb, pb)
+        report["keyword_rule_bench_questions"] = _keyword_scores(bench_rows)
+        mix += [(float(p), bool(y)) for p, y in zip(pb, yb, strict=True)]
+    report["heldout_mix"] = [[round(p, 4), y] for p, y in mix]
     return RouterWeights(**{**weights.__dict__, "report": report})
+
+
+def _keyword_scores(rows: list[dict[str, Any]]) -> dict[str, float]:
+    """The earlier keyword rule (suitability.py) on the same rows: the baseline."""
+    from pice.scheduler.suitability import classify
+
+    y = np.array([bool(r["suits_sketch"]) for r in rows], dtype=float)
+    p = np.array([float(classify(r["question"]).suits_sketch) for r in rows])
+    return scores(y, p)
 
 
 def _bench_rows() -> list[dict[str, Any]]:

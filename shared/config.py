@@ -37,6 +37,8 @@ class ServeSettings(BaseSettings):
     guard: bool = True  # re-expand empty, cut-off and low-scoring points in the cloud
     guard_threshold: float = Field(0.45, ge=0.0, le=1.0)  # selection score below → repair
     expander_adapter: bool = True  # load the shipped distilled adapter for its edge model
+    # scheduler policy for `auto` requests
+    policy: Literal["dynamic", "router-only", "always-cloud", "always-progressive"] = "dynamic"
     # tenants: JSON {"tenants": {name: ["sha256:<hex of the key>", ...]}}; None → open, one
     # tenant "default" (no key needed)
     api_keys_file: Path | None = None
