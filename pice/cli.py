@@ -6,6 +6,7 @@ import argparse
 import asyncio
 import json
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -23,6 +24,8 @@ def _settings(args: argparse.Namespace) -> ServeSettings:
         "cache_dir": args.cache_dir, "threads": args.threads,
         "backend": getattr(args, "backend", None),
         "quantization": getattr(args, "quantization", None),
+        "edge_tokens_file": getattr(args, "edge_tokens_file", None),
+        "local_edges": False if getattr(args, "no_local_edges", False) else None,
     }.items() if v is not None}
     return ServeSettings(**overrides)
 
@@ -38,7 +41,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
           f"(cloud={settings.cloud_model}, edge={','.join(settings.edge_models)}); "
           "GET /ready turns 200 when the models are loaded", file=sys.stderr)
     app = create_app(settings, build_pipeline)
-    uvicorn.run(app, host=settings.host, port=settings.port, log_level="info")
+    uvicorn.run(app, host=settings.host, port=settings.port, log_level="info",
+                ssl_certfile=args.ssl_certfile, ssl_keyfile=args.ssl_keyfile)
     return 0
 
 
@@ -54,6 +58,30 @@ def cmd_ask(args: argparse.Namespace) -> int:
 
 def cmd_models(args: argparse.Namespace) -> int:
     return models_main(args.action, args.names, args.cache_dir)
+
+
+def cmd_edge(args: argparse.Namespace) -> int:
+    from pice.edge.agent_config import AgentConfig
+    from pice.runtime import run_edge_agent
+
+    fields = {"cloud": args.cloud, "token": args.token or os.environ.get("PICE_EDGE_TOKEN"),
+              "edge_id": args.edge_id, "models": args.model or [DEFAULT_EDGE_MODEL],
+              "slots": args.slots, "ca_file": args.ca_file,
+              "drain_timeout_s": args.drain_timeout}
+    if fields["token"] is None:
+        print("pice: error: no edge token: pass --token or set PICE_EDGE_TOKEN", file=sys.stderr)
+        return 2
+    cfg = AgentConfig(**{k: v for k, v in fields.items() if v is not None})
+    settings = ServeSettings(**{k: v for k, v in {
+        "cache_dir": args.cache_dir, "threads": args.threads, "backend": args.backend,
+        "quantization": args.quantization}.items() if v is not None})
+    return run_edge_agent(cfg, settings)
+
+
+def cmd_edge_token(args: argparse.Namespace) -> int:
+    from pice.cloud.edge_tokens import edge_token_main
+
+    return edge_token_main(args.action, args.name, args.file or ServeSettings().edge_tokens_file)
 
 
 def cmd_route(args: argparse.Namespace) -> int:
@@ -138,7 +166,34 @@ def build_parser() -> argparse.ArgumentParser:
     _model_args(p)
     p.add_argument("--host")
     p.add_argument("--port", type=int)
+    p.add_argument("--edge-tokens-file", type=Path,
+                   help="accept remote edge agents holding a token from this file")
+    p.add_argument("--no-local-edges", action="store_true",
+                   help="no in-process edge workers: remote agents only")
+    p.add_argument("--ssl-certfile", help="serve HTTPS/WSS with this certificate")
+    p.add_argument("--ssl-keyfile", help="private key of --ssl-certfile")
     p.set_defaults(fn=cmd_serve)
+
+    p = sub.add_parser("edge", help="run an edge agent that dials the cloud and expands points")
+    p.add_argument("--cloud", required=True, help="cloud URL: ws(s)://host:port or http(s)://…")
+    p.add_argument("--token", help="this edge's token (default $PICE_EDGE_TOKEN)")
+    p.add_argument("--edge-id", help="edge id its token was issued to (default: host name)")
+    p.add_argument("--model", action="append",
+                   help=f"model spec to serve, repeatable (default {DEFAULT_EDGE_MODEL})")
+    p.add_argument("--slots", type=int, help="points run at once (default 8)")
+    p.add_argument("--ca-file", type=Path, help="CA bundle for a wss:// cloud")
+    p.add_argument("--drain-timeout", type=float, help="SIGTERM: seconds to finish work")
+    p.add_argument("--cache-dir", type=Path, help="model cache (default ~/.cache/pice)")
+    p.add_argument("--threads", type=int, help="torch threads (default: all cores)")
+    p.add_argument("--backend", choices=["engine", "hf"])
+    p.add_argument("--quantization", choices=["int8"])
+    p.set_defaults(fn=cmd_edge)
+
+    p = sub.add_parser("edge-token", help="create, list or revoke edge agent tokens")
+    p.add_argument("action", choices=["create", "list", "revoke"])
+    p.add_argument("name", nargs="?", help="create: edge id; revoke: token id or edge id")
+    p.add_argument("--file", type=Path, help="token file (default $PICE_EDGE_TOKENS_FILE)")
+    p.set_defaults(fn=cmd_edge_token)
 
     p = sub.add_parser("ask", help="ask one question; prints the sketch, then each section")
     _model_args(p)

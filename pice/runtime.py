@@ -3,6 +3,7 @@ into the cloud pipeline. (It alone imports both `pice.cloud` and `pice.edge`.)""
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from collections.abc import Callable
@@ -10,12 +11,16 @@ from typing import Any
 
 import torch
 
+from pice.cloud.edge_hub import EdgeHub
 from pice.cloud.edge_pool import EdgePool
+from pice.cloud.edge_tokens import EdgeTokenStore
 from pice.cloud.ensemble import EnsembleConfig, Source
 from pice.cloud.guard import GuardConfig
 from pice.cloud.metrics import Metrics
 from pice.cloud.pipeline import Pipeline
 from pice.cloud.sketcher import parse_sketch, sketch_messages
+from pice.edge.agent import EdgeAgent
+from pice.edge.agent_config import AgentConfig
 from pice.edge.distill import (
     EXPANDER_ADAPTER,
     DistillConfig,
@@ -56,6 +61,32 @@ def load_generator(spec: str, settings: ServeSettings, progress: bool = True) ->
                            lora_max_rank=settings.lora_max_rank, lora_slots=settings.lora_slots)
 
 
+def edge_hub(settings: ServeSettings) -> EdgeHub | None:
+    """The registry of remote edge agents, when agent tokens are configured."""
+    if settings.edge_tokens_file is None:
+        return None
+    return EdgeHub(EdgeTokenStore(settings.edge_tokens_file), settings.edge_heartbeat_s,
+                   settings.edge_lease_s)
+
+
+def run_edge_agent(cfg: AgentConfig, settings: ServeSettings, progress: bool = True) -> int:
+    """`pice edge`: load the agent's models (and the shipped expander adapter, as the server
+    does) with the server's loader, measure the decode rate, then serve."""
+    set_threads(settings.threads)
+    workers = {spec: EdgeWorker(cfg.edge_id, load_generator(spec, settings, progress))
+               for spec in cfg.models}
+    for spec, worker in workers.items():
+        path = shipped_adapter(spec) if settings.expander_adapter else None
+        if path is not None:
+            try:
+                worker.generator.add_adapter(EXPANDER_ADAPTER, path)
+            except PiceError as exc:
+                log.warning("expander adapter for %s not loaded: %s", spec, exc)
+    agent = EdgeAgent(cfg, workers)
+    log.info("edge %s: %.1f tokens/s on %s", cfg.edge_id, agent.measure(), cfg.models[0])
+    return asyncio.run(agent.run())
+
+
 def build_pipeline(settings: ServeSettings, metrics: Metrics, progress: bool = True) -> Pipeline:
     set_threads(settings.threads)
     loaded: dict[str, TextGenerator] = {}
@@ -66,14 +97,15 @@ def build_pipeline(settings: ServeSettings, metrics: Metrics, progress: bool = T
         return loaded[spec]
 
     cloud = get(settings.cloud_model)
-    workers = [EdgeWorker(f"edge-{i}", get(spec)) for i, spec in enumerate(settings.edge_models)]
+    workers = [EdgeWorker(f"edge-{i}", get(spec)) for i, spec in enumerate(settings.edge_models)
+               if settings.local_edges]
     policy = PolicyConfig(default_max_points=settings.default_max_points,
                           words_per_point=settings.words_per_point,
                           point_tokens=settings.point_tokens)
     edge_generators = {spec: get(spec) for spec in settings.edge_models}
     # the router's weights and MiniLM load once, here, not on the first question
     scheduler = Scheduler.build(settings.policy, policy, SuitabilityRouter(warm=True))
-    return Pipeline(cloud, EdgePool(workers), policy, metrics,
+    return Pipeline(cloud, EdgePool(workers, hub=edge_hub(settings)), policy, metrics,
                     cloud_worker=EdgeWorker(CLOUD_WORKER_ID, cloud),
                     edge_generators=edge_generators, scheduler=scheduler,
                     ensemble=ensemble_config(settings, edge_generators))

@@ -6,7 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from pice.shared.models import DEFAULT_CLOUD_MODEL, DEFAULT_EDGE_MODEL
@@ -33,6 +33,11 @@ class ServeSettings(BaseSettings):
     default_max_points: int = Field(6, ge=1, le=10)
     words_per_point: int = Field(5, ge=1, le=20)
     point_tokens: int = Field(64, ge=8, le=1024)  # edge budget per point
+    # remote edge agents (`pice edge`): accepted when a token file is set (`pice edge-token`)
+    edge_tokens_file: Path | None = None  # JSON file of hashed agent tokens (None → agents off)
+    local_edges: bool = True  # run in-process edge workers for edge_models (False: agents only)
+    edge_heartbeat_s: float = Field(2.0, gt=0, le=300)  # agent heartbeat and hub ping period
+    edge_lease_s: float = Field(6.0, gt=0, le=3600)  # an agent silent this long is declared dead
     # ensemble expansion: quality guard and the distilled expansion adapter
     guard: bool = True  # re-expand empty, cut-off and low-scoring points in the cloud
     guard_threshold: float = Field(0.45, ge=0.0, le=1.0)  # selection score below → repair
@@ -54,6 +59,16 @@ class ServeSettings(BaseSettings):
         if not v or any(not s.strip() for s in v):
             raise ValueError(f"edge_models must name at least one non-empty model spec, got {v!r}")
         return v
+
+    @model_validator(mode="after")
+    def _edge_agents(self) -> ServeSettings:
+        if self.edge_lease_s <= self.edge_heartbeat_s:
+            raise ValueError(f"edge_lease_s ({self.edge_lease_s}) must be longer than "
+                             f"edge_heartbeat_s ({self.edge_heartbeat_s})")
+        if not self.local_edges and self.edge_tokens_file is None:
+            raise ValueError("local_edges=false needs edge_tokens_file: with neither there is "
+                             "no edge at all")
+        return self
 
     @field_validator("cloud_model")
     @classmethod

@@ -11,7 +11,7 @@ from contextlib import asynccontextmanager
 from fastapi import Depends, FastAPI
 
 from pice.cloud.adapter_catalog import open_catalog
-from pice.cloud.api import adapters, chat, ops, progressive
+from pice.cloud.api import adapters, chat, edges, ops, progressive
 from pice.cloud.api.deps import get_tenant
 from pice.cloud.api.errors import install_error_handlers
 from pice.cloud.metrics import Metrics
@@ -57,6 +57,6 @@ def create_app(settings: ServeSettings, builder: Builder) -> FastAPI:
     install_error_handlers(app, lambda status: metrics.errors.labels(str(status)).inc())
     for router in (chat.router, progressive.router, adapters.router):  # tenants' API: keys
         app.include_router(router, dependencies=[Depends(get_tenant)])
-    for router in (ops.router,):
+    for router in (ops.router, edges.router):  # agents authenticate with edge tokens
         app.include_router(router)
     return app
