@@ -95,6 +95,21 @@ def cmd_route(args: argparse.Namespace) -> int:
                            args.json))
 
 
+def cmd_bench_sim(args: argparse.Namespace) -> int:
+    from pice.bench.sim import SimBenchConfig, run_sim_bench
+
+    loads = [float(x) for x in args.loads.split(",")]
+    cfg = SimBenchConfig(loads=loads, requests=args.requests, edges=args.edges,
+                         cloud_replicas=args.cloud_replicas, decision_edges=args.decision_edges,
+                         decision_requests=args.decision_requests,
+                         big_requests=args.big_requests, seed=args.seed, out_dir=args.out)
+    summary = run_sim_bench(cfg)
+    print(json.dumps({k: summary[k] for k in ("decision_time", "verdict")}, indent=1))
+    if "large_run" in summary:
+        print(json.dumps({k: v for k, v in summary["large_run"].items() if k != "result"}))
+    return 0
+
+
 def cmd_bench(args: argparse.Namespace) -> int:
     from pice.bench.progressive import BenchConfig, run_bench
 
@@ -233,6 +248,20 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--threads", type=int, default=0)
     e.add_argument("--out", type=Path, default=Path("bench-results"))
     e.set_defaults(fn=cmd_bench_engine)
+    m = bsub.add_parser("sim", help="the four scheduler policies in the discrete-event "
+                        "simulator; decision time at 10,000 edges")
+    m.add_argument("--loads", default="0.25,0.5,1,1.5,2,3",
+                   help="offered loads, x full-cloud capacity")
+    m.add_argument("--requests", type=int, default=2000, help="per policy and load")
+    m.add_argument("--edges", type=int, default=100)
+    m.add_argument("--cloud-replicas", type=int, default=5)
+    m.add_argument("--decision-edges", type=int, default=10_000)
+    m.add_argument("--decision-requests", type=int, default=20_000)
+    m.add_argument("--big-requests", type=int, default=0,
+                   help="also time one run of this many requests at --decision-edges")
+    m.add_argument("--seed", type=int, default=0)
+    m.add_argument("--out", type=Path, default=Path("bench-results"))
+    m.set_defaults(fn=cmd_bench_sim)
     b = bsub.add_parser("progressive", help="progressive vs full cloud on the question set")
     _model_args(b)
     b.add_argument("--limit", type=int, default=0, help="questions to run (0 → all)")

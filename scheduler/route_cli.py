@@ -13,6 +13,7 @@ from pice.scheduler.placement import PlacementConfig
 from pice.scheduler.policy import PolicyConfig, QueryFeatures, make_policy
 from pice.scheduler.router import SuitabilityRouter
 from pice.scheduler.state import CloudState, ClusterState, EdgeState
+from pice.shared.errors import BadRequestError
 
 
 @dataclass(frozen=True)
@@ -36,7 +37,7 @@ def _questions(args: RouteArgs) -> Iterable[str]:
 
 def route(args: RouteArgs) -> int:
     if args.edges < 0 or args.slots < 1 or args.max_tokens < 1:
-        raise ValueError(f"--edges must be >= 0, --slots and --max-tokens >= 1; got "
+        raise BadRequestError(f"--edges must be >= 0, --slots and --max-tokens >= 1; got "
                          f"{args.edges}, {args.slots}, {args.max_tokens}")
     questions = list(_questions(args))
     router = SuitabilityRouter()
