@@ -162,12 +162,9 @@ class AdapterCatalog:
             raise ConflictError(f"adapter {ref!r} could not be loaded: {rec.error}", field=field)
         return rec
 
-    def info(self, rec: AdapterRecord) -> Any:
-        """The engine's `AdapterInfo` for it (rank, alpha, modules, size, tier), if loaded."""
-        host = self.hosts.get(rec.base_model)
-        if host is None or rec.error is not None:
-            return None
-        return next((a for a in host.adapters() if a.name == rec.engine_name), None)
+    def infos(self) -> dict[str, Any]:
+        """The engines' `AdapterInfo` (rank, alpha, modules, size, tier) by engine name."""
+        return {a.name: a for host in self.hosts.values() for a in host.adapters()}
 
     def resident(self, base_model: str) -> set[str]:
         host = self.hosts.get(base_model)

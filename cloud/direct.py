@@ -53,10 +53,6 @@ class Plan:
         return out
 
 
-def _edges(pipeline: Pipeline) -> dict[str, TextGenerator]:
-    return pipeline.edge_generators
-
-
 async def _auto(catalog: AdapterCatalog, tenant: Tenant, base: str | None,
                 question: str) -> tuple[AdapterRecord | None, AdapterChoice | None]:
     recs = {r.engine_name: r for r in catalog.visible(tenant)
@@ -71,7 +67,7 @@ async def _auto(catalog: AdapterCatalog, tenant: Tenant, base: str | None,
 async def plan_answer(model: str | None, adapter: str | None, question: str, tenant: Tenant,
                       catalog: AdapterCatalog, pipeline: Pipeline) -> Plan:
     """Resolve `model` and `pice.adapter`; unknown or invisible names are a 404."""
-    edges = _edges(pipeline)
+    edges = pipeline.edge_generators
     if model in (None, PIPELINE_MODEL, pipeline.cloud.name):
         if adapter is None or adapter == "none":
             return Plan(None, None, None)
@@ -101,7 +97,7 @@ async def plan_answer(model: str | None, adapter: str | None, question: str, ten
 
 def edge_generator(pipeline: Pipeline, plan: Plan) -> TextGenerator:
     assert plan.edge_model is not None
-    gen = _edges(pipeline).get(plan.edge_model)
+    gen = pipeline.edge_generators.get(plan.edge_model)
     if gen is None:
         raise BadRequestError(f"edge model {plan.edge_model} is not served in-process here",
                               field="model")
@@ -140,16 +136,12 @@ async def answer_on_edge(pipeline: Pipeline, plan: Plan,
     m.requests.labels("edge", req.endpoint).inc()
     m.stage_seconds.labels("edge").observe(total)
     m.tokens.labels("edge").inc(out_tokens)
-    reason = (f"model {req_model(plan)} answers directly"
+    reason = (f"edge model {plan.edge_model} answers directly"
               + (f" with adapter {plan.ref}" if plan.ref and plan.adapter else ""))
     yield DoneEvent(text=text, mode="edge", reason=reason, sketch=[],
                     timings={"edge": total, "total": total, "ttft": ttft or total},
                     tokens={"prompt": req.prompt_tokens or 0, "cloud": 0, "edge": out_tokens},
                     finish_reason="length" if out_tokens >= req.max_tokens else "stop")
-
-
-def req_model(plan: Plan) -> str:
-    return plan.edge_model or PIPELINE_MODEL
 
 
 def run(pipeline: Pipeline, plan: Plan, req: AnswerRequest) -> AsyncIterator[Event]:

@@ -67,8 +67,8 @@ class AdapterDeleted(BaseModel):
     deleted: bool = True
 
 
-def _out(catalog: AdapterCatalog, rec: AdapterRecord, tenant: Tenant) -> AdapterOut:
-    info = catalog.info(rec)
+def _out(rec: AdapterRecord, tenant: Tenant, infos: dict[str, Any]) -> AdapterOut:
+    info = infos.get(rec.engine_name) if rec.error is None else None
     extra: dict[str, Any] = {}
     if info is not None:
         extra = {"rank": info.rank, "alpha": info.alpha,
@@ -190,19 +190,20 @@ async def create_adapter(request: Request, tenant: Tenant = Depends(get_tenant),
         shutil.rmtree(staging, ignore_errors=True)  # moved away on success
         for upload in files.values():
             await upload.close()
-    return _out(catalog, rec, tenant)
+    return _out(rec, tenant, catalog.infos())
 
 
 @router.get("/v1/adapters", response_model=AdapterList)
 async def list_adapters(tenant: Tenant = Depends(get_tenant),  # noqa: B008
                         catalog: AdapterCatalog = Depends(get_catalog)) -> AdapterList:  # noqa: B008
-    return AdapterList(data=[_out(catalog, r, tenant) for r in catalog.visible(tenant)])
+    infos = catalog.infos()
+    return AdapterList(data=[_out(r, tenant, infos) for r in catalog.visible(tenant)])
 
 
 @router.get("/v1/adapters/{ref:path}", response_model=AdapterOut)
 async def get_adapter(ref: str, tenant: Tenant = Depends(get_tenant),  # noqa: B008
                       catalog: AdapterCatalog = Depends(get_catalog)) -> AdapterOut:  # noqa: B008
-    return _out(catalog, catalog.resolve(tenant, ref, field="name"), tenant)
+    return _out(catalog.resolve(tenant, ref, field="name"), tenant, catalog.infos())
 
 
 @router.delete("/v1/adapters/{ref:path}", response_model=AdapterDeleted)
