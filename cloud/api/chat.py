@@ -38,6 +38,7 @@ def to_answer_request(body: ChatCompletionRequest, rid: str, default_max: int,
         max_tokens=body.max_completion_tokens or body.max_tokens or default_max,
         mode=body.pice.mode, max_points=body.pice.max_points, temperature=body.temperature,
         top_p=body.top_p, seed=body.seed, stop=body.stop_tuple(), endpoint=endpoint,
+        priority=body.pice.priority,
     )
 
 

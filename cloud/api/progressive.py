@@ -26,7 +26,7 @@ def _answer_request(body: ProgressiveRequest, default_max: int) -> AnswerRequest
     return AnswerRequest(request_id=new_id("prog"), messages=messages,
                          max_tokens=body.max_tokens or default_max, mode=body.mode,
                          max_points=body.max_points, temperature=body.temperature,
-                         seed=body.seed, endpoint="progressive")
+                         seed=body.seed, endpoint="progressive", priority=body.priority)
 
 
 @router.post("/v1/progressive", response_model=ProgressiveResponse,

@@ -33,6 +33,8 @@ class PiceOptions(BaseModel):
     max_points: int | None = Field(None, ge=1, le=10)  # cap on sketch points
     # LoRA adapter for the edge: a name (yours, or public), "auto" (AAS picks) or "none"
     adapter: str | None = Field(None, min_length=1, max_length=200)
+    # interactive requests pass waiting batch ones; batch work yields a busy cloud to the edges
+    priority: Literal["interactive", "batch"] = "interactive"
 
 
 def _check_messages(messages: list[ChatMessage]) -> list[ChatMessage]:
@@ -130,6 +132,7 @@ class ProgressiveRequest(BaseModel):
     temperature: float = Field(0.0, ge=0.0, le=2.0)
     seed: int | None = None
     stream: bool = True  # false → one JSON ProgressiveResponse
+    priority: Literal["interactive", "batch"] = "interactive"  # as PiceOptions.priority
 
     @model_validator(mode="after")
     def _one_input(self) -> ProgressiveRequest:
