@@ -19,6 +19,7 @@ from pice.scheduler.adapter_router import AdapterRouter
 from pice.shared.config import ServeSettings
 from pice.shared.embeddings import get_embedder
 from pice.shared.engine.generator import EngineGenerator
+from pice.shared.errors import ConflictError
 from pice.shared.hf_backend import HFGenerator
 from tests.conftest import SKETCH_QUESTIONS, LiveServer, _free_port
 from tests.factories import peft_adapter, peft_greedy
@@ -361,6 +362,16 @@ def test_catalog_restores_after_a_restart(tiny_model_dir: Path, adapters: dict[s
     assert not (tmp_path / "tmp" / "half-written").exists()
     assert second.router.route("SELECT rows joined on a key", ["alice/sql", "alice/cook"],
                                ).adapter == "alice/sql"
+    # a stored file damaged while the server was down: that adapter is listed with its error
+    # and refused (409); the rest serve
+    cook = second.resolve(alice, "cook")
+    (tmp_path / cook.dir / "adapter_model.safetensors").write_bytes(b"garbage")
+    third = open_catalog(EngineGenerator(spec, max_context=256))
+    broken = third.resolve(alice, "cook")
+    assert broken.error and third.resolve(alice, "sql").error is None
+    with pytest.raises(ConflictError, match="could not be loaded"):
+        third.usable(alice, "cook")
+    assert third.usable(alice, "sql").name == "sql"
 
 
 @pytest.mark.parametrize(("model", "pice", "status", "param", "needle"), [
