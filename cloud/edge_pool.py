@@ -51,9 +51,10 @@ class LocalEdge:
         self.models: tuple[str, ...] = (name,) if isinstance(name, str) else ()
 
     def state(self) -> EdgeState:
-        adapters = getattr(self.worker, "adapters", ())
+        resident = getattr(getattr(self.worker, "generator", None), "resident_adapters", None)
+        adapters = frozenset(resident()) if callable(resident) else frozenset()
         return EdgeState(self.edge_id, self.models, self.gate.slots, self.gate.inflight,
-                         self.stats.tokens_per_s, 0.0, frozenset(adapters),
+                         self.stats.tokens_per_s, 0.0, adapters,
                          healthy=self.gate.closed is None, failure_rate=self.stats.failure_rate)
 
     def accepts(self, task: ExpansionTask) -> bool:
