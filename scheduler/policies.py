@@ -114,11 +114,12 @@ def cloud_wait(cloud: CloudState, priority: str, service_s: float) -> float:
 
 @dataclass
 class DynamicPolicy:
-    """Progressive when the expected time to a usable answer beats full cloud: the sketch's
-    cloud time plus the slowest placed point, plus (1 - p) times a full cloud answer (a sketch
-    of a question that does not suit gets answered again). A busy cloud shortens the sketch,
-    busy edges shrink it or keep it in the cloud, batch requests yield the cloud queue, and
-    the ensemble grows only when edges have room to spare."""
+    """Progressive when the sketch path beats full cloud in expected time: the sketch's cloud
+    time plus the slowest placed point. A question the router is unsure of (min_probability <=
+    p < threshold) is sketched only to relieve a busy cloud, and then also pays (1 - p) times a
+    full answer (a sketch that does not suit gets answered again). A busy cloud shortens the
+    sketch, busy edges shrink it or keep it in the cloud, batch requests yield the cloud queue,
+    and the ensemble grows only when edges have room to spare."""
 
     cfg: PolicyConfig
     router: Router | None
@@ -165,8 +166,13 @@ class DynamicPolicy:
         if refused is not None:
             return replace(refused, probability=p, predicted_tokens=predicted)
         t_sketch = wait + sketch_tokens * cfg.sketch_fill / rate + expand_s
-        expected = t_sketch + (1.0 - p) * t_cloud
-        yields = q.priority == "batch" and busy and p >= cfg.threshold
+        suited = p >= cfg.threshold
+        # an uncertain question also pays, with probability 1 - p, a full answer after the sketch
+        expected = t_sketch if suited else t_sketch + (1.0 - p) * t_cloud
+        yields = q.priority == "batch" and busy and suited
+        if not (suited or busy):
+            return cloud(f"question may not suit a sketch (p={p:.2f}) and the cloud is idle",
+                         "uncertain")
         if expected >= t_cloud and not yields:
             return cloud(f"cloud faster (p={p:.2f}: ~{expected:.1f}s sketched vs "
                          f"~{t_cloud:.1f}s)", "cloud-faster")
@@ -175,4 +181,4 @@ class DynamicPolicy:
             f"~{expected:.1f}s vs ~{t_cloud:.1f}s in cloud"
         return Decision("progressive", f"sketch (p={p:.2f}, {shape}; {why})", points, words,
                         sketch_tokens, point_tokens, ensemble, placement, q.priority, p,
-                        "suited" if p >= cfg.threshold else "uncertain-suited", predicted)
+                        "suited" if suited else "uncertain-suited", predicted)

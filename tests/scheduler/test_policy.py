@@ -105,13 +105,19 @@ def test_dynamic_keeps_work_in_the_cloud_when_edges_are_full() -> None:
     assert make_policy("router-only", CFG).decide(q(), edges(inflight=8)).mode == "progressive"
 
 
-def test_dynamic_weighs_uncertain_questions_by_expected_time() -> None:
+def test_dynamic_sketches_uncertain_questions_only_to_relieve_a_busy_cloud() -> None:
     policy = make_policy("dynamic", CFG)
-    # p between the floor and the threshold: a fast idle edge tier makes the sketch worth it
-    d = policy.decide(q(p=0.45), edges(rate=60.0))
-    assert d.mode == "progressive" and d.code == "uncertain-suited"
+    fast = edges(rate=60.0).edges
+    # p between the floor and the threshold, idle cloud: full answer
+    idle = policy.decide(q(p=0.45), ClusterState(CloudState(), fast))
+    assert (idle.mode, idle.code) == ("cloud", "uncertain")
+    # all cloud slots taken, a short queue: the sketch's expected time (with a (1 - p) chance
+    # of a full answer after it) beats waiting for the cloud
+    busy = ClusterState(CloudState(queue_depth=9, slots=8), fast)
+    d = policy.decide(q(p=0.45), busy)
+    assert (d.mode, d.code) == ("progressive", "uncertain-suited")
     # below the floor: never
-    assert policy.decide(q(p=0.3), edges(rate=60.0)).mode == "cloud"
+    assert policy.decide(q(p=0.3), busy).mode == "cloud"
 
 
 def test_batch_yields_a_busy_cloud_and_interactive_passes_batch() -> None:
