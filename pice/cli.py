@@ -124,6 +124,22 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_bench_quality(args: argparse.Namespace) -> int:
+    from pice.bench.quality import QualityConfig, run_quality
+
+    fields = {"cloud_model": args.cloud_model, "edge_models": args.edge_model,
+              "limit": args.limit, "categories": args.category, "max_tokens": args.max_tokens,
+              "out_dir": args.out, "cache_dir": args.cache_dir, "threads": args.threads,
+              "backend": args.backend, "adapter": args.adapter}
+    cfg = QualityConfig(**{k: v for k, v in fields.items() if v is not None})
+    cfg.suitable_only = not args.all_questions
+    cfg.judge = not args.no_judge
+    result = run_quality(cfg)
+    print(json.dumps({"target": result["target"], "overall": result["summary"]["overall"]},
+                     indent=2))
+    return 0
+
+
 def cmd_bench_engine(args: argparse.Namespace) -> int:
     from pice.bench.engine import EngineBenchConfig, run_engine_bench
 
@@ -269,6 +285,20 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--max-tokens", type=int, default=256)
     b.add_argument("--out", type=Path, default=Path("bench-results"))
     b.set_defaults(fn=cmd_bench)
+    q = bsub.add_parser("quality", help="progressive variants (plain, ensemble, ensemble + "
+                        "distilled adapter) judged against the full-cloud answer")
+    _model_args(q)
+    q.add_argument("--limit", type=int, help="questions, round-robin over categories "
+                   "(default 7; 0 → all)")
+    q.add_argument("--category", action="append", help="only these categories (repeatable)")
+    q.add_argument("--all-questions", action="store_true",
+                   help="include questions labeled as not suiting a sketch")
+    q.add_argument("--max-tokens", type=int)
+    q.add_argument("--adapter", type=Path, help="distilled adapter for the first edge model "
+                   "(default: the shipped one)")
+    q.add_argument("--no-judge", action="store_true", help="skip the pairwise judgment")
+    q.add_argument("--out", type=Path, default=Path("bench-results"))
+    q.set_defaults(fn=cmd_bench_quality)
 
     p = sub.add_parser("train", help="train adapters")
     tsub = p.add_subparsers(dest="train", required=True)

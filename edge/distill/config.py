@@ -23,7 +23,7 @@ class DistillConfig(BaseModel):
     cache_dir: Path | None = None
     # data generation
     batch_questions: int = Field(8, ge=1, le=256)  # questions sketched/expanded per batch
-    max_points: int = Field(5, ge=2, le=10)
+    max_points: int = Field(6, ge=2, le=10)  # as `pice serve` sketches by default
     words_per_point: int = Field(5, ge=1, le=20)
     point_tokens: int = Field(48, ge=8, le=512)  # teacher tokens per expansion
     # training

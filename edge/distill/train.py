@@ -131,7 +131,7 @@ def train_adapter(cfg: DistillConfig, base_path: str, progress: bool = True) -> 
         loss.backward()
         opt.step()
         step += 1
-        losses.append(float(loss))
+        losses.append(loss.item())
         bar.update(1)
         bar.set_postfix(loss=f"{losses[-1]:.3f}")
         if step % cfg.checkpoint_every == 0 or step == cfg.steps:

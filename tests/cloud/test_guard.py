@@ -94,7 +94,7 @@ def test_points_under_the_threshold_are_rewritten_by_the_cloud(models) -> None: 
 
 
 def test_disabled_guard_passes_edge_sections_through(models) -> None:  # type: ignore[no-untyped-def]
-    p, metrics = pipeline(models, GuardConfig(enabled=False, threshold=1.0))
+    p, _ = pipeline(models, GuardConfig(enabled=False, threshold=1.0))
     events = run(p, SKETCH_QUESTIONS[0])
     sections = [e for e in events if isinstance(e, SectionEvent)]
     assert len(sections) == 3

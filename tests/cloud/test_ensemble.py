@@ -1,0 +1,109 @@
+"""Ensemble expansion in a real pipeline: k candidates per point on different edge models, all
+points of one model as one batch, the best-scoring candidate wins, scores ride on the section."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+from typing import cast
+
+import pytest
+
+from pice.cloud.edge_pool import EdgePool
+from pice.cloud.ensemble import EnsembleConfig, PinnedEnsemble, Source, ensemble_tasks
+from pice.cloud.events import DoneEvent, Event, SectionEvent
+from pice.cloud.guard import GuardConfig
+from pice.cloud.metrics import Metrics
+from pice.cloud.pipeline import AnswerRequest, Pipeline
+from pice.edge.expander import EdgeWorker
+from pice.scheduler.policy import PolicyConfig
+from pice.scheduler.service import Scheduler
+from pice.shared.hf_backend import HFGenerator
+from pice.shared.protocol import ExpansionTask
+from pice.shared.sampling import Completion, SamplingParams
+from tests.conftest import SKETCH_QUESTIONS
+from tests.factories import tiny_qwen2
+
+
+class CountingGenerator(HFGenerator):
+    """The real tiny model, recording the size of every batch it runs."""
+
+    def __init__(self, path: str) -> None:
+        super().__init__(path, max_context=1024)
+        self.batches: list[int] = []
+
+    def generate(self, prompts: list[str], params: SamplingParams,
+                 adapters: object = None) -> list[Completion]:
+        self.batches.append(len(prompts))
+        return super().generate(prompts, params)
+
+
+@pytest.fixture(scope="module")
+def second_edge_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tiny_qwen2(tmp_path_factory.mktemp("tiny-edge-b"), seed=1)
+
+
+def run(pipeline: Pipeline, k: int) -> list[Event]:
+    pipeline.scheduler = cast(Scheduler, PinnedEnsemble(pipeline.scheduler, k))
+    req = AnswerRequest("r1", [{"role": "user", "content": SKETCH_QUESTIONS[0]}], max_tokens=60,
+                        mode="progressive")
+
+    async def collect() -> list[Event]:
+        return [ev async for ev in pipeline.run(req)]
+
+    return asyncio.run(collect())
+
+
+def test_each_point_gets_one_candidate_per_model_and_the_best_wins(
+        sketch_model_dir: Path, tiny_model_dir: Path, second_edge_dir: Path) -> None:
+    cloud = HFGenerator(str(sketch_model_dir), max_context=1024)
+    a, b = CountingGenerator(str(tiny_model_dir)), CountingGenerator(str(second_edge_dir))
+    cfg = EnsembleConfig(sources=[Source(model=a.name), Source(model=b.name)],
+                         guard=GuardConfig(enabled=False))
+    metrics = Metrics()
+    pipeline = Pipeline(cloud, EdgePool([EdgeWorker("ea", a), EdgeWorker("eb", b)]),
+                        PolicyConfig(), metrics, ensemble=cfg)
+    events = run(pipeline, k=3)  # more than there are sources: capped at 2
+    sections = [e for e in events if isinstance(e, SectionEvent)]
+    done = events[-1]
+    assert isinstance(done, DoneEvent) and done.mode == "progressive" and done.ensemble == 2
+    assert sorted(s.index for s in sections) == [0, 1, 2]
+    assert a.batches == [3] and b.batches == [3]  # every point of a model in one batch
+    for s in sections:
+        assert {c["worker"] for c in s.candidates} == {"ea", "eb"}
+        assert {c["model"] for c in s.candidates} == {a.name, b.name}
+        best = max(s.candidates, key=lambda c: (c["score"], -c["candidate"]))
+        assert (s.candidate, s.worker, s.model) == (best["candidate"], best["worker"],
+                                                     best["model"])
+        assert s.score == best["score"]
+        assert all(c["agreement"] is not None for c in s.candidates if c["score"] > 0)
+    wins = sum(metrics.ensemble_wins.labels(m, "")._value.get() for m in (a.name, b.name))
+    assert wins == 3
+    assert [s.index for s in done.sections] == [0, 1, 2]
+    assert done.sections[0].candidates  # the done event keeps the scores too
+
+
+def test_k_one_runs_the_first_source_only(sketch_model_dir: Path, tiny_model_dir: Path,
+                                          second_edge_dir: Path) -> None:
+    cloud = HFGenerator(str(sketch_model_dir), max_context=1024)
+    a, b = CountingGenerator(str(tiny_model_dir)), CountingGenerator(str(second_edge_dir))
+    cfg = EnsembleConfig(sources=[Source(model=b.name), Source(model=a.name)],
+                         guard=GuardConfig(enabled=False))
+    pipeline = Pipeline(cloud, EdgePool([EdgeWorker("ea", a), EdgeWorker("eb", b)]),
+                        PolicyConfig(), Metrics(), ensemble=cfg)
+    events = run(pipeline, k=1)
+    sections = [e for e in events if isinstance(e, SectionEvent)]
+    assert a.batches == [] and b.batches == [3]
+    assert all(s.worker == "eb" and len(s.candidates) == 1 for s in sections)
+    done = events[-1]
+    assert isinstance(done, DoneEvent) and done.ensemble == 1
+
+
+def test_tasks_pinned_by_the_client_run_alone() -> None:
+    t = ExpansionTask(request_id="r", question="q", sketch=["a", "b"], index=0, max_tokens=8)
+    sources = [Source(model="m1", adapter="x"), Source(model="m2")]
+    out = ensemble_tasks([t, t.model_copy(update={"index": 1})], 2, sources)
+    assert [(x.index, x.candidate, x.model, x.adapter) for x in out] == [
+        (0, 0, "m1", "x"), (0, 1, "m2", None), (1, 0, "m1", "x"), (1, 1, "m2", None)]
+    pinned = t.model_copy(update={"adapter": "tenant-a"})
+    assert ensemble_tasks([pinned], 2, sources) == [pinned]
