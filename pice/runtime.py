@@ -102,7 +102,8 @@ def build_pipeline(settings: ServeSettings, metrics: Metrics, progress: bool = T
     policy = PolicyConfig(default_max_points=settings.default_max_points,
                           words_per_point=settings.words_per_point,
                           point_tokens=settings.point_tokens)
-    edge_generators = {spec: get(spec) for spec in settings.edge_models}
+    edge_generators = ({spec: get(spec) for spec in settings.edge_models}
+                       if settings.local_edges else {})
     # the router's weights and MiniLM load once, here, not on the first question
     scheduler = Scheduler.build(settings.policy, policy, SuitabilityRouter(warm=True))
     return Pipeline(cloud, EdgePool(workers, hub=edge_hub(settings)), policy, metrics,
