@@ -65,8 +65,10 @@ async def _auto(catalog: AdapterCatalog, tenant: Tenant, base: str | None,
 
 
 async def plan_answer(model: str | None, adapter: str | None, question: str, tenant: Tenant,
-                      catalog: AdapterCatalog, pipeline: Pipeline) -> Plan:
-    """Resolve `model` and `pice.adapter`; unknown or invisible names are a 404."""
+                      catalog: AdapterCatalog, pipeline: Pipeline,
+                      field: str = "pice.adapter") -> Plan:
+    """Resolve `model` and the adapter option (`field` names it in errors); unknown or
+    invisible names are a 404."""
     edges = pipeline.edge_generators
     if model in (None, PIPELINE_MODEL, pipeline.cloud.name):
         if adapter is None or adapter == "none":
@@ -74,7 +76,7 @@ async def plan_answer(model: str | None, adapter: str | None, question: str, ten
         if adapter == "auto":
             rec, choice = await _auto(catalog, tenant, None, question)
             return Plan(None, rec, "aas", choice, rec.ref(tenant) if rec else None)
-        rec = catalog.usable(tenant, adapter, field="pice.adapter")
+        rec = catalog.usable(tenant, adapter, field=field)
         return Plan(None, rec, "request", ref=rec.ref(tenant))
     if model in edges:
         if adapter == "none":
@@ -82,16 +84,16 @@ async def plan_answer(model: str | None, adapter: str | None, question: str, ten
         if adapter is None or adapter == "auto":
             rec, choice = await _auto(catalog, tenant, model, question)
             return Plan(model, rec, "aas", choice, rec.ref(tenant) if rec else None)
-        rec = catalog.usable(tenant, adapter, field="pice.adapter")
+        rec = catalog.usable(tenant, adapter, field=field)
         if rec.base_model != model:
             raise BadRequestError(f"adapter {adapter!r} applies to {rec.base_model}, not "
-                                  f"{model}", field="pice.adapter")
+                                  f"{model}", field=field)
         return Plan(model, rec, "request", ref=rec.ref(tenant))
     assert model is not None
     rec = catalog.usable(tenant, model, field="model")
     if adapter is not None and adapter != model:
         raise BadRequestError(f"model names adapter {model!r}; pice.adapter {adapter!r} "
-                              "conflicts with it", field="pice.adapter")
+                              "conflicts with it", field=field)
     return Plan(rec.base_model, rec, "request", ref=rec.ref(tenant))
 
 

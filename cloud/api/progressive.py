@@ -9,11 +9,14 @@ from dataclasses import asdict
 from fastapi import APIRouter, Depends, Request
 from sse_starlette.sse import EventSourceResponse
 
-from pice.cloud.api.deps import get_pipeline, new_id
+from pice.cloud import direct
+from pice.cloud.adapter_catalog import AdapterCatalog
+from pice.cloud.api.deps import get_catalog, get_pipeline, get_tenant, new_id
 from pice.cloud.api.errors import exception_to_response
 from pice.cloud.api.schemas import ProgressiveRequest, ProgressiveResponse, SectionOut
-from pice.cloud.events import DeltaEvent, DoneEvent, SectionEvent, SketchEvent
+from pice.cloud.events import DeltaEvent, DoneEvent, Event, SectionEvent, SketchEvent
 from pice.cloud.pipeline import AnswerRequest, Pipeline
+from pice.cloud.tenants import Tenant
 
 router = APIRouter(tags=["progressive"])
 
@@ -32,25 +35,32 @@ def _answer_request(body: ProgressiveRequest, default_max: int) -> AnswerRequest
 @router.post("/v1/progressive", response_model=ProgressiveResponse,
              responses={200: {"content": {"text/event-stream": {}}}})
 async def progressive(body: ProgressiveRequest, request: Request,
-                      pipeline: Pipeline = Depends(get_pipeline)):  # noqa: B008
+                      pipeline: Pipeline = Depends(get_pipeline),  # noqa: B008
+                      tenant: Tenant = Depends(get_tenant),  # noqa: B008
+                      catalog: AdapterCatalog = Depends(get_catalog)):  # noqa: B008
     req = _answer_request(body, request.app.state.settings.default_max_tokens)
+    question = next(m["content"] for m in reversed(req.messages) if m["role"] == "user")
+    plan = await direct.plan_answer(None, body.adapter, question, tenant, catalog, pipeline,
+                                    field="adapter")
     pipeline.validate(req)
     if body.stream:
-        return EventSourceResponse(_events(pipeline, req), ping=15)
+        return EventSourceResponse(_events(direct.run(pipeline, plan, req), plan), ping=15)
     done = None
-    async for ev in pipeline.run(req):
+    async for ev in direct.run(pipeline, plan, req):
         if isinstance(ev, DoneEvent):
             done = ev
     assert done is not None, "pipeline ended without a DoneEvent"
     return ProgressiveResponse(mode=done.mode, reason=done.reason, sketch=done.sketch,
                                timings=done.timings, tokens=done.tokens, text=done.text,
                                sections=[SectionOut(**asdict(s)) for s in done.sections],
-                               ensemble=done.ensemble, repaired=done.repaired)
+                               ensemble=done.ensemble, repaired=done.repaired,
+                               adapter=plan.report(done.mode))
 
 
-async def _events(pipeline: Pipeline, req: AnswerRequest) -> AsyncIterator[dict[str, str]]:
+async def _events(events: AsyncIterator[Event],
+                  plan: direct.Plan) -> AsyncIterator[dict[str, str]]:
     try:
-        async for ev in pipeline.run(req):
+        async for ev in events:
             if isinstance(ev, SketchEvent):
                 yield {"event": "sketch", "data": json.dumps({"points": ev.points})}
             elif isinstance(ev, SectionEvent):
@@ -59,6 +69,7 @@ async def _events(pipeline: Pipeline, req: AnswerRequest) -> AsyncIterator[dict[
                 yield {"event": "delta", "data": json.dumps({"text": ev.text})}
             elif isinstance(ev, DoneEvent):
                 data = {k: v for k, v in asdict(ev).items() if k != "sections"}
+                data["adapter"] = plan.report(ev.mode)
                 yield {"event": "done", "data": json.dumps(data)}
     except Exception as exc:  # the stream has begun: report in-band, then end it
         _, body = exception_to_response(exc)

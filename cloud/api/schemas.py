@@ -132,6 +132,8 @@ class ProgressiveRequest(BaseModel):
     temperature: float = Field(0.0, ge=0.0, le=2.0)
     seed: int | None = None
     stream: bool = True  # false → one JSON ProgressiveResponse
+    # LoRA adapter for the edge expansions: a name (yours, or public), "auto" or "none"
+    adapter: str | None = Field(None, min_length=1, max_length=200)
     priority: Literal["interactive", "batch"] = "interactive"  # as PiceOptions.priority
 
     @model_validator(mode="after")

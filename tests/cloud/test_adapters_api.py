@@ -219,6 +219,21 @@ def test_progressive_expansions_use_the_named_adapter(site: tuple[LiveServer, Pa
     assert base["adapter"] is None and unused == 0
 
 
+def test_native_progressive_endpoint_takes_an_adapter(site: tuple[LiveServer, Path],
+                                                      url: str) -> None:
+    stats = edge_gen(site).engine.pool.stats
+    before = stats["hits"] + stats["misses"]
+    r = httpx.post(f"{url}/v1/progressive", headers=auth(BOB), timeout=120, json={
+        "question": SKETCH_QUESTIONS[1], "max_tokens": 60, "stream": False, "adapter": "cook"})
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["adapter"] == {"name": "alice/cook", "selected_by": "request"}
+    assert stats["hits"] + stats["misses"] - before == len(body["sketch"]) == 3
+    r = httpx.post(f"{url}/v1/progressive", headers=auth(BOB), timeout=30,
+                   json={"question": "hi", "adapter": "sql"})  # alice's private one
+    assert r.status_code == 404 and r.json()["error"]["param"] == "adapter"
+
+
 def test_delete_returns_the_engines_memory(site: tuple[LiveServer, Path], url: str,
                                            adapters: dict[str, Path]) -> None:
     gen = edge_gen(site)
