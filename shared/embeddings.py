@@ -44,9 +44,12 @@ class Embedder:
         self.spec = spec
         self._lock = threading.Lock()
         self._model: SentenceTransformer = SentenceTransformer(_model_path(spec), device=device)
-        self.dim = int(self._model.get_embedding_dimension()
-                       if hasattr(self._model, "get_embedding_dimension")
-                       else self._model.get_sentence_embedding_dimension())
+        get_dim = getattr(self._model, "get_embedding_dimension", None) or \
+            self._model.get_sentence_embedding_dimension
+        dim = get_dim()
+        if dim is None:
+            raise UnsupportedModelError(f"embedder {spec!r} does not report its dimension")
+        self.dim = int(dim)
         log.info("embedder %s loaded (%d dims)", spec, self.dim)
 
     def encode(self, texts: list[str], batch_size: int = 64) -> np.ndarray:
