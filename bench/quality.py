@@ -290,6 +290,7 @@ def run_quality(cfg: QualityConfig, progress: bool = True) -> dict[str, Any]:
     scheduler = pipeline.scheduler
     rows: list[Row] = []
     t0 = time.perf_counter()
+    result = _result(cfg, configs, rows, 0.0)
     for i, q in enumerate(tqdm(questions, desc="bench quality", unit="question",
                                disable=not progress)):
         order = VARIANTS if i % 2 == 0 else VARIANTS[::-1]
@@ -311,8 +312,17 @@ def run_quality(cfg: QualityConfig, progress: bool = True) -> dict[str, Any]:
                                                      row.answer)
                     row.verdict = verdict(row.p_variant_first, row.p_variant_second)
             rows.append(row)
+        result = _result(cfg, configs, rows, time.perf_counter() - t0)  # kept after each question
+        cfg.out_dir.mkdir(parents=True, exist_ok=True)
+        (cfg.out_dir / "quality.json").write_text(json.dumps(result, indent=2, default=str))
+    _plot(result["summary"], cfg.out_dir / "quality.png")
+    return result
+
+
+def _result(cfg: QualityConfig, configs: dict[str, EnsembleConfig], rows: list[Row],
+            wall_s: float) -> dict[str, Any]:
     summary = _summary(rows)
-    result = {
+    return {
         "bench": "quality",
         "config": json.loads(json.dumps(asdict(cfg), default=str)),
         "machine": {"platform": platform.platform(), "torch": torch.__version__,
@@ -323,16 +333,12 @@ def run_quality(cfg: QualityConfig, progress: bool = True) -> dict[str, Any]:
                         "coverage": f"share of full-cloud sentences matched at cosine >= "
                                     f"{COVER_SIM}",
                         "similarity": "MiniLM cosine to the full-cloud answer"},
-        "wall_s": time.perf_counter() - t0,
+        "wall_s": wall_s,
         "variants": {v: c.model_dump() for v, c in configs.items()},
         "target": _target(rows),
         "summary": summary,
         "rows": [asdict(r) for r in rows],
     }
-    cfg.out_dir.mkdir(parents=True, exist_ok=True)
-    (cfg.out_dir / "quality.json").write_text(json.dumps(result, indent=2, default=str))
-    _plot(summary, cfg.out_dir / "quality.png")
-    return result
 
 
 def _round_robin(rows: list[dict[str, Any]], limit: int) -> list[dict[str, Any]]:

@@ -18,7 +18,7 @@ _LAST_SENTENCE_END = re.compile(r"""^(.*[.!?…]["')\]]*)(?:\s|$)""", re.S)
 class GuardConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
     enabled: bool = True  # False: sections pass through untouched (scores still computed)
-    threshold: float = Field(0.45, ge=0.0, le=1.0)  # combined selection score below → repair
+    threshold: float = Field(0.4, ge=0.0, le=1.0)  # combined selection score below → repair
     repair_token_factor: float = Field(2.0, ge=1.0, le=8.0)  # cloud budget vs the edge's
 
 

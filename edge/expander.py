@@ -16,19 +16,36 @@ _SYSTEM = ("You are helping write an answer whose outline is already fixed. You 
            "about that point and only that point. No lists, no numbering, no headings.")
 
 
-def expansion_messages(task: ExpansionTask) -> list[dict[str, str]]:
-    """The shared part (question + whole outline) comes first so that every point's prompt has
-    the same prefix; only the last line differs between the points of one answer."""
+def _ask(task: ExpansionTask) -> str:
     outline = "\n".join(f"{i + 1}. {p}" for i, p in enumerate(task.sketch))
     point = task.sketch[task.index]
-    return [
-        {"role": "system", "content": _SYSTEM},
-        {"role": "user", "content": (
-            f"Question: {task.question}\n\nOutline:\n{outline}\n\n"
+    return (f"Question: {task.question}\n\nOutline:\n{outline}\n\n"
             f"Write point {task.index + 1} (\"{point}\") in one or two sentences. "
-            "Do not write any other point."
-        )},
-    ]
+            "Do not write any other point.")
+
+
+# One worked example for base models (no chat template): the transcript shows the reply's shape.
+_EXAMPLE = ExpansionTask(request_id="example", question="How can I make my mornings less rushed?",
+                         sketch=["Prepare everything the night before", "Wake up at a fixed time",
+                                 "Keep breakfast simple"], index=1, max_tokens=1)
+_EXAMPLE_REPLY = ("Wake up at a fixed time: Getting up at the same time every day, weekends "
+                  "included, sets your body clock so that waking up feels easier.")
+
+
+def expansion_messages(task: ExpansionTask, few_shot: bool = False) -> list[dict[str, str]]:
+    """The shared part (question + whole outline) comes first so that every point's prompt has
+    the same prefix; only the last line differs between the points of one answer. `few_shot`
+    puts one worked example first (for base models)."""
+    example = [{"role": "user", "content": _ask(_EXAMPLE)},
+               {"role": "assistant", "content": _EXAMPLE_REPLY}] if few_shot else []
+    return [{"role": "system", "content": _SYSTEM}, *example,
+            {"role": "user", "content": _ask(task)}]
+
+
+def is_base_model(generator: TextGenerator) -> bool:
+    """No chat template: a base model, prompted with a plain transcript (and an example)."""
+    tok = getattr(getattr(generator, "chat", None), "tok", None)
+    return tok is not None and not getattr(tok, "chat_template", None)
 
 
 def assistant_prefix(task: ExpansionTask) -> str:
@@ -68,7 +85,8 @@ class EdgeWorker:
         """One batched generation; each point's result is yielded the moment it finishes."""
         if not tasks:
             return
-        prompts = [self.generator.render_chat(expansion_messages(t), assistant_prefix(t))
+        few_shot = is_base_model(self.generator)
+        prompts = [self.generator.render_chat(expansion_messages(t, few_shot), assistant_prefix(t))
                    for t in tasks]
         first = tasks[0]
         params = SamplingParams(max_tokens=max(t.max_tokens for t in tasks),

@@ -20,7 +20,9 @@ class ServeSettings(BaseSettings):
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=0, le=65535)  # 0 → pick a free port (tests)
     cloud_model: str = DEFAULT_CLOUD_MODEL  # alias, local dir, .gguf file or hub id
-    edge_models: list[str] = Field(default_factory=lambda: [DEFAULT_EDGE_MODEL])
+    # the ensemble's edge models (the first is preferred when one candidate runs per point)
+    edge_models: list[str] = Field(
+        default_factory=lambda: [DEFAULT_EDGE_MODEL, "gemma-3-270m"])
     cache_dir: Path | None = None  # None → $PICE_CACHE_DIR or ~/.cache/pice
     max_context: int = Field(4096, ge=64, le=131072)  # per-request prompt + completion cap
     default_max_tokens: int = Field(512, ge=1, le=131072)
@@ -40,7 +42,7 @@ class ServeSettings(BaseSettings):
     edge_lease_s: float = Field(6.0, gt=0, le=3600)  # an agent silent this long is declared dead
     # ensemble expansion: quality guard and the distilled expansion adapter
     guard: bool = True  # re-expand empty, cut-off and low-scoring points in the cloud
-    guard_threshold: float = Field(0.45, ge=0.0, le=1.0)  # selection score below → repair
+    guard_threshold: float = Field(0.4, ge=0.0, le=1.0)  # selection score below → repair
     expander_adapter: bool = True  # load the shipped distilled adapter for its edge model
     # scheduler policy for `auto` requests
     policy: Literal["dynamic", "router-only", "always-cloud", "always-progressive"] = "dynamic"

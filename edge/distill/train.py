@@ -53,7 +53,10 @@ def _collate(batch: list[Example], pad_id: int) -> dict[str, torch.Tensor]:
 
 
 def _lora_model(base_path: str, cfg: DistillConfig) -> Any:
-    from peft import LoraConfig, get_peft_model
+    try:
+        from peft import LoraConfig, get_peft_model
+    except ImportError as exc:  # an optional dependency
+        raise ImportError("pice train expander needs peft: pip install 'pice[train]'") from exc
 
     model = AutoModelForCausalLM.from_pretrained(base_path, dtype=torch.float32)
     n_layers = int(model.config.num_hidden_layers)
