@@ -122,3 +122,23 @@ def test_usable_targets_and_bad_question_files(tmp_path: Path) -> None:
 def test_bad_settings_are_refused_with_the_field(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["train", "expander", "--steps", "0"]) == 2
     assert "steps" in capsys.readouterr().err
+
+
+def test_base_models_get_a_worked_example(tiny_model_dir: Path, tmp_path: Path) -> None:
+    """A model without a chat template (gemma-3-270m) sees one example exchange first."""
+    from pice.edge.expander import EdgeWorker, is_base_model
+
+    base_dir = tmp_path / "base"
+    shutil.copytree(tiny_model_dir, base_dir)
+    cfg = json.loads((base_dir / "tokenizer_config.json").read_text())
+    cfg.pop("chat_template", None)
+    (base_dir / "tokenizer_config.json").write_text(json.dumps(cfg))
+    for f in base_dir.glob("chat_template.*"):
+        f.unlink()
+    base, chat = HFGenerator(str(base_dir)), HFGenerator(str(tiny_model_dir))
+    assert is_base_model(base) and not is_base_model(chat)
+    task = ExpansionTask(request_id="r", question="How can I sleep better?",
+                         sketch=["Fixed schedule", "Dark room"], index=1, max_tokens=4)
+    assert len(expansion_messages(task, few_shot=True)) == len(expansion_messages(task)) + 2
+    [r] = EdgeWorker("e", base).expand([task])  # the plain transcript runs end to end
+    assert r.text.startswith("Dark room")
