@@ -48,25 +48,57 @@ def sgmv_(y: torch.Tensor, x: torch.Tensor, a: torch.Tensor, bs: Sequence[torch.
             col += out
 
 
-def bgmv_(y: torch.Tensor, x: torch.Tensor, a: torch.Tensor, bs: Sequence[torch.Tensor],
-          index: torch.Tensor) -> None:
-    """Batched gather matmul (decode): token i uses slot index[i] (-1: no adapter), all at the
-    padded rank R in one batched matmul per matrix.
+@dataclass(frozen=True)
+class DecodeLayout:
+    """Where each decode token's LoRA term comes from, built once per step from the per-token
+    slot index: the tokens with an adapter, and their (slot - lo, position among the tokens of
+    that slot) in a [span, per_slot] grid over the slot range [lo, lo + span)."""
 
-    y: [T, sum(out_j)] updated in place; x: [T, in]; a: [S, R, n, in]; bs[j]: [S, out_j, R];
-    index: [T] int64."""
-    rows = (index >= 0).nonzero().squeeze(1)  # [t] tokens with an adapter
-    if rows.numel() == 0:
-        return
-    slots = index[rows]  # [t]
-    r_max, n = a.shape[1], a.shape[2]
-    a_g = a[slots].view(rows.numel(), r_max * n, -1)  # [t, R * n, in] gathered per token
-    t = torch.bmm(a_g, x[rows].unsqueeze(2)).view(-1, r_max, n)  # [t, R, n]
+    rows: torch.Tensor  # [t] int64 batch rows that use an adapter
+    rel: torch.Tensor  # [t] int64 slot - lo
+    pos: torch.Tensor  # [t] int64 position among its slot's tokens
+    lo: int
+    span: int
+    per_slot: int
+
+    @staticmethod
+    def build(index: Sequence[int], device: torch.device) -> DecodeLayout | None:
+        used = [(row, s) for row, s in enumerate(index) if s >= 0]
+        if not used:
+            return None
+        lo = min(s for _, s in used)
+        seen: dict[int, int] = {}
+        pos = []
+        for _, s in used:
+            pos.append(seen.get(s, 0))
+            seen[s] = pos[-1] + 1
+
+        def tensor(values: list[int]) -> torch.Tensor:
+            return torch.tensor(values, dtype=torch.long, device=device)
+
+        return DecodeLayout(tensor([r for r, _ in used]), tensor([s - lo for _, s in used]),
+                            tensor(pos), lo, max(seen) - lo + 1, max(seen.values()))
+
+
+def bgmv_(y: torch.Tensor, x: torch.Tensor, a: torch.Tensor, bs: Sequence[torch.Tensor],
+          layout: DecodeLayout) -> None:
+    """Batched gather matmul (decode): every token at its slot, in one batched matmul per
+    matrix over the slot range, reading each resident adapter once (no per-token copies of
+    the weights) at the padded rank R.
+
+    y: [T, sum(out_j)] updated in place; x: [T, in]; a: [S, R, n, in]; bs[j]: [S, out_j, R]."""
+    lo, span, m = layout.lo, layout.span, layout.per_slot
+    r_max, n, fan_in = a.shape[1], a.shape[2], a.shape[3]
+    xs = x.new_zeros(span, m, fan_in)  # [span, m, in] the tokens, grouped by slot
+    xs[layout.rel, layout.pos] = x[layout.rows]
+    a_v = a[lo:lo + span].view(span, r_max * n, fan_in)  # [span, R * n, in], a view
+    t = torch.bmm(xs, a_v.transpose(1, 2)).view(span, m, r_max, n)  # [span, m, R, n]
     col = 0
     for j, b in enumerate(bs):
         out = b.shape[1]
-        delta = torch.bmm(b[slots], t[:, :, j:j + 1]).squeeze(2)  # [t, out_j]
-        y[:, col:col + out].index_add_(0, rows, delta)
+        # [span, m, R] @ [span, R, out] -> [span, m, out]; each token's row added into y
+        delta = torch.bmm(t[..., j], b[lo:lo + span].transpose(1, 2))
+        y[:, col:col + out].index_add_(0, layout.rows, delta[layout.rel, layout.pos])
         col += out
 
 

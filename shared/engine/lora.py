@@ -11,7 +11,7 @@ from typing import cast
 import torch
 from torch import nn
 
-from pice.kernels.lora import Segment, bgmv_, sgmv_
+from pice.kernels.lora import DecodeLayout, Segment, bgmv_, sgmv_
 from pice.shared.engine.models.base import CausalLM
 from pice.shared.engine.models.layers import Attention, GatedMLP
 from pice.shared.engine.sequence import Sequence
@@ -24,7 +24,7 @@ class LoraBatch:
     """Which slot each token of a step uses: a per-token index for decode (BGMV), contiguous
     row segments for prefill (SGMV; the runner orders the batch by slot)."""
 
-    index: torch.Tensor | None = None  # [num_tokens] int64, -1 = base model (decode)
+    decode: DecodeLayout | None = None  # from the per-token slot index (decode)
     segments: list[Segment] = field(default_factory=list)  # (prefill)
 
 
@@ -49,8 +49,8 @@ class LayerLora:
         if batch is None or buffers is None:
             return
         a, bs = buffers.group(self.layer, group)
-        if batch.index is not None:
-            bgmv_(y, x, a, bs, batch.index)
+        if batch.decode is not None:
+            bgmv_(y, x, a, bs, batch.decode)
         else:
             sgmv_(y, x, a, bs, batch.segments)
 
@@ -88,7 +88,7 @@ def lora_batch(seqs: Seq[Sequence], query_lens: Seq[int], is_prefill: bool,
     if all(s < 0 for s in slots):
         return None
     if not is_prefill:
-        return LoraBatch(index=torch.tensor(slots, dtype=torch.long, device=device))
+        return LoraBatch(decode=DecodeLayout.build(slots, device))
     segments: list[Segment] = []
     start = 0
     for seq, slot, q in zip(seqs, slots, query_lens, strict=True):

@@ -12,6 +12,7 @@ Thread-safe: the engine loop acquires/releases, API threads add/remove/list."""
 
 from __future__ import annotations
 
+import heapq
 import logging
 import re
 import threading
@@ -68,7 +69,9 @@ class AdapterPool:
         self._loaded = threading.Condition(self._lock)
         self._entries: dict[str, _Entry] = {}
         self._owner: list[str | None] = [None] * num_slots
-        self._free = list(range(num_slots - 1, -1, -1))  # never used since allocation
+        # free slots, lowest first: resident adapters stay in a compact slot range, which is
+        # what a decode step's batched matmul reads (pice.kernels.lora.bgmv_)
+        self._free = list(range(num_slots))
         self._unpinned: OrderedDict[int, None] = OrderedDict()  # resident, unpinned; LRU first
         self._host: OrderedDict[str, None] = OrderedDict()  # host tier, LRU first
         self.host_used = 0
@@ -112,7 +115,7 @@ class AdapterPool:
                 self._owner[slot] = None
                 assert self.buffers is not None
                 self.buffers.clear(slot)
-                self._free.append(slot)
+                heapq.heappush(self._free, slot)
 
     def infos(self) -> list[AdapterInfo]:
         with self._lock:
@@ -181,7 +184,7 @@ class AdapterPool:
                 self._request_load(name, entry)
                 return None
             if self._free:
-                slot = self._free.pop()
+                slot = heapq.heappop(self._free)
             elif self._unpinned:
                 slot, _ = self._unpinned.popitem(last=False)
                 evicted = self._owner[slot]

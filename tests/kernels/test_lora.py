@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from pice.kernels.lora import Segment, bgmv_, lora_reference, sgmv_
+from pice.kernels.lora import DecodeLayout, Segment, bgmv_, lora_reference, sgmv_
 
 SLOTS, R, IN = 4, 8, 32
 OUTS = [32, 16, 16]  # e.g. q, k, v fused
@@ -24,14 +24,16 @@ def slot_buffers(seed: int = 0) -> tuple[torch.Tensor, list[torch.Tensor]]:
     return a, bs
 
 
-@pytest.mark.parametrize("index", [[0, 3, -1, 1, 2, 3, -1, 0], [-1, -1], [2]])
+@pytest.mark.parametrize("index", [[0, 3, -1, 1, 2, 3, -1, 0], [-1, -1], [2], [3, 3, 1, 3]])
 def test_bgmv_matches_reference(index: list[int]) -> None:
     a, bs = slot_buffers()
     x = torch.randn(len(index), IN)  # [T, in]
     y0 = torch.randn(len(index), sum(OUTS))  # the base projection's output
     y = y0.clone()
     idx = torch.tensor(index)
-    bgmv_(y, x, a, bs, idx)
+    layout = DecodeLayout.build(index, x.device)
+    if layout is not None:
+        bgmv_(y, x, a, bs, layout)
     torch.testing.assert_close(y, y0 + lora_reference(x, a, bs, idx, RANKS))
     base_rows = idx < 0
     assert torch.equal(y[base_rows], y0[base_rows])
