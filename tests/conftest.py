@@ -83,7 +83,10 @@ def server(sketch_model_dir: Path,
     settings = ServeSettings(port=_free_port(), cloud_model=str(sketch_model_dir),
                              edge_models=[str(sketch_model_dir)], max_context=1024,
                              default_max_tokens=64,
-                             cache_dir=tmp_path_factory.mktemp("cache"))
+                             cache_dir=tmp_path_factory.mktemp("cache"),
+                             # API tests check the edge's sections as written; the quality
+                             # guard's rewrites are tested in tests/cloud/test_guard.py
+                             guard=False)
     live = LiveServer(settings)
     live.start()
     yield live

@@ -115,3 +115,28 @@ def test_without_a_cloud_worker_low_scores_stand_and_cut_offs_are_finished(model
     for s in sections:
         assert s.text.rstrip()[-1] in ".!?…\"')]" or s.index not in [
             r["index"] for r in done.repaired]
+
+
+def test_sections_over_sse_carry_scores_and_source(server) -> None:  # type: ignore[no-untyped-def]
+    """The live server (guard off there) streams each section with its candidates' scores and
+    the winner's source; the JSON response carries the same fields."""
+    import json
+
+    import httpx
+
+    body = {"question": SKETCH_QUESTIONS[0], "max_tokens": 60}
+    with httpx.stream("POST", f"{server.url}/v1/progressive", json=body, timeout=120) as resp:
+        lines = [line for line in resp.iter_lines() if line.startswith("data:")]
+    events = [json.loads(line[5:]) for line in lines]
+    sections = [e for e in events if "candidates" in e]
+    assert len(sections) == 3
+    for s in sections:
+        assert s["model"] and s["score"] is not None and s["repaired"] is None
+        [c] = s["candidates"]  # one edge model: one candidate
+        assert c["worker"] == s["worker"] == "edge-0" and c["score"] == s["score"]
+        assert {"confidence", "agreement", "relevance", "adapter"} <= set(c)
+    done = events[-1]
+    assert done["ensemble"] == 1 and done["repaired"] == []
+    plain = httpx.post(f"{server.url}/v1/progressive", json={**body, "stream": False},
+                       timeout=120).json()
+    assert plain["ensemble"] == 1 and all(s["candidates"] for s in plain["sections"])
