@@ -328,6 +328,9 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--trials", type=int, default=50, help="random resident sets per margin")
     a.add_argument("--out", type=Path, default=Path("bench-results"))
     a.set_defaults(fn=cmd_bench_aas)
+    from pice.bench.lora import add_lora_parser
+
+    add_lora_parser(bsub)
     return parser
 
 
