@@ -12,6 +12,7 @@ from pice.shared.engine.scheduler import Scheduler, SchedulerOutput
 from pice.shared.engine.sequence import Sequence
 from pice.shared.errors import BadRequestError, ContextLengthError
 from pice.shared.lora.pool import AdapterPool
+from pice.shared.lora.slots import GROUP_OF
 from pice.shared.sampling import SamplingParams
 from pice.shared.tokenizer import trim_at_stop
 
@@ -53,8 +54,9 @@ class LLMEngine:
         if adapter is None:
             return Sequence(prompt_ids, params)
         uid = self.pool.use(adapter)  # NotFoundError for an unknown name
-        rank = self.pool.info(adapter).rank
-        return Sequence(prompt_ids, params, adapter, uid, rank)
+        info = self.pool.info(adapter)
+        groups = frozenset(GROUP_OF[p][0] for p in info.target_modules)
+        return Sequence(prompt_ids, params, adapter, uid, info.rank, groups)
 
     def release(self, seq: Sequence) -> None:
         """The caller is done with a sequence (finished or never run): drop its adapter use."""

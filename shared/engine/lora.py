@@ -26,6 +26,7 @@ class LoraBatch:
 
     decode: DecodeLayout | None = None  # from the per-token slot index (decode)
     segments: list[Segment] = field(default_factory=list)  # (prefill)
+    groups: frozenset[str] = frozenset()  # projection groups any adapter of the step targets
 
 
 class LoraState:
@@ -46,7 +47,7 @@ class LayerLora:
         """y: [num_tokens, out] (the base projection's output, updated in place); x: its input
         [num_tokens, in]."""
         batch, buffers = self.state.batch, self.state.buffers
-        if batch is None or buffers is None:
+        if batch is None or buffers is None or group not in batch.groups:
             return
         a, bs = buffers.group(self.layer, group)
         if batch.decode is not None:
@@ -87,8 +88,9 @@ def lora_batch(seqs: Seq[Sequence], query_lens: Seq[int], is_prefill: bool,
     slots = [-1 if s.lora_slot is None else s.lora_slot for s in seqs]
     if all(s < 0 for s in slots):
         return None
+    groups = frozenset().union(*(s.lora_groups for s in seqs))
     if not is_prefill:
-        return LoraBatch(decode=DecodeLayout.build(slots, device))
+        return LoraBatch(decode=DecodeLayout.build(slots, device), groups=groups)
     segments: list[Segment] = []
     start = 0
     for seq, slot, q in zip(seqs, slots, query_lens, strict=True):
@@ -99,4 +101,4 @@ def lora_batch(seqs: Seq[Sequence], query_lens: Seq[int], is_prefill: bool,
             else:
                 segments.append(Segment(start, start + q, slot, seq.lora_rank))
         start += q
-    return LoraBatch(segments=segments)
+    return LoraBatch(segments=segments, groups=groups)

@@ -20,7 +20,8 @@ class SeqStatus(Enum):
 
 class Sequence:
     def __init__(self, prompt_ids: list[int], params: SamplingParams,
-                 adapter: str | None = None, lora_uid: int = 0, lora_rank: int = 0) -> None:
+                 adapter: str | None = None, lora_uid: int = 0, lora_rank: int = 0,
+                 lora_groups: frozenset[str] = frozenset()) -> None:
         assert prompt_ids, "empty prompt"
         self.seq_id = next(_ids)
         self.status = SeqStatus.WAITING
@@ -40,6 +41,7 @@ class Sequence:
         self.adapter = adapter
         self.lora_uid = lora_uid
         self.lora_rank = lora_rank
+        self.lora_groups = lora_groups  # fused projection groups it targets ("qkv", "o", ...)
         self.lora_slot: int | None = None
         self.lora_hit: bool | None = None
         self.bypassed = 0
