@@ -105,7 +105,9 @@ def build_pipeline(settings: ServeSettings, metrics: Metrics, progress: bool = T
     edge_generators = ({spec: get(spec) for spec in settings.edge_models}
                        if settings.local_edges else {})
     # the router's weights and MiniLM load once, here, not on the first question
-    scheduler = Scheduler.build(settings.policy, policy, SuitabilityRouter(warm=True))
+    cloud_slots = cloud.engine.cfg.max_num_seqs if isinstance(cloud, EngineGenerator) else 0
+    scheduler = Scheduler.build(settings.policy, policy, SuitabilityRouter(warm=True),
+                                cloud_slots)
     return Pipeline(cloud, EdgePool(workers, hub=edge_hub(settings)), policy, metrics,
                     cloud_worker=EdgeWorker(CLOUD_WORKER_ID, cloud),
                     edge_generators=edge_generators, scheduler=scheduler,

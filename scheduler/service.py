@@ -22,6 +22,7 @@ class CloudMeter:
     queue_depth: int = 0
     batch_depth: int = 0
     tokens_per_s: float = 0.0
+    slots: int = 0  # streams the cloud model decodes at once (0: unknown → no queue estimate)
     alpha: float = 0.2  # weight of the newest measurement
 
     def __post_init__(self) -> None:
@@ -47,25 +48,26 @@ class CloudMeter:
                 (1 - self.alpha) * self.tokens_per_s + self.alpha * rate
 
     def state(self) -> CloudState:
-        return CloudState(self.queue_depth, self.tokens_per_s, batch_depth=self.batch_depth)
+        return CloudState(self.queue_depth, self.tokens_per_s, self.slots, self.batch_depth)
 
 
 class Scheduler:
     def __init__(self, policy: Policy, router: SuitabilityRouter | None,
-                 lengths: LengthModel) -> None:
+                 lengths: LengthModel, cloud_slots: int = 0) -> None:
         self.policy = policy
         self.router = router
         self.lengths = lengths
-        self.cloud = CloudMeter()
+        self.cloud = CloudMeter(slots=cloud_slots)
 
     @classmethod
     def build(cls, name: str = "dynamic", cfg: PolicyConfig | None = None,
-              router: SuitabilityRouter | None = None) -> Scheduler:
-        """`name` policy over the shipped router (MiniLM loads on the first question)."""
+              router: SuitabilityRouter | None = None, cloud_slots: int = 0) -> Scheduler:
+        """`name` policy over the shipped router (MiniLM loads on the first question);
+        `cloud_slots`: streams the cloud model batches (its queue estimate needs it)."""
         router = router or SuitabilityRouter()
         lengths = LengthModel()
         policy = make_policy(name, cfg, lambda q: float(router.probability([q])[0]), lengths)
-        return cls(policy, router, lengths)
+        return cls(policy, router, lengths, cloud_slots)
 
     def decide(self, q: QueryFeatures, edges: tuple[EdgeState, ...]) -> Decision:
         d = self.policy.decide(q, ClusterState(self.cloud.state(), edges))
