@@ -134,8 +134,9 @@ class PointExpander:
                       ) -> Picked | None:
         point = task.sketch[task.index]
         got.sort(key=lambda r: r.candidate)
+        others = [p for i, p in enumerate(task.sketch) if i != task.index]
         winner, scores = await asyncio.to_thread(select, task.question, point, got,
-                                                 self.embedder(), self.cfg.weights)
+                                                 self.embedder(), self.cfg.weights, others)
         best = next(s for s in scores if s.candidate == winner.candidate)
         self.metrics.ensemble_wins.labels(winner.model, winner.adapter or "").inc()
         if not self.cfg.guard.enabled:

@@ -14,6 +14,8 @@ from pydantic import BaseModel, ConfigDict, Field
 from pice.shared.embeddings import Embedder
 from pice.shared.protocol import ExpansionResult
 
+MIN_WORDS = 6  # texts shorter than this many words get a proportionally lower score
+
 
 class SelectionWeights(BaseModel):
     """Weights of the three signals in the combined score (renormalized over those present)."""
@@ -32,8 +34,9 @@ class CandidateScore:
     adapter: str | None
     confidence: float  # exp(mean token logprob): geometric-mean token probability, in [0, 1]
     agreement: float | None  # mean cosine similarity to the point's other candidates (None: alone)
-    relevance: float  # mean cosine similarity to the point title and to the question
-    score: float  # weighted mean of the signals present; 0 for an empty expansion
+    relevance: float  # mean cosine similarity to the point title and to the question, less how
+    # much closer the text is to another point of the sketch than to its own (off-point text)
+    score: float  # weighted mean of the signals present, scaled down for a very short text
 
     def as_dict(self) -> dict[str, object]:
         return asdict(self)
@@ -48,15 +51,22 @@ def body(result: ExpansionResult, point: str) -> str:
 
 
 def score_candidates(question: str, point: str, candidates: list[ExpansionResult],
-                     embedder: Embedder,
-                     weights: SelectionWeights | None = None) -> list[CandidateScore]:
-    """Scores in the order of `candidates` (one embedding batch for the point)."""
+                     embedder: Embedder, weights: SelectionWeights | None = None,
+                     other_points: list[str] | tuple[str, ...] = ()) -> list[CandidateScore]:
+    """Scores in the order of `candidates` (one embedding batch for the point). `other_points`:
+    the rest of the sketch, so that text about another point loses relevance."""
     w = weights or SelectionWeights()
     bodies = [body(c, point) for c in candidates]
-    emb = embedder.encode([point, question, *[b or point for b in bodies]])  # [2 + k, dim]
-    cand = emb[2:]  # [k, dim]
+    n_other = len(other_points)
+    emb = embedder.encode([point, question, *other_points,
+                           *[b or point for b in bodies]])  # [2 + others + k, dim]
+    cand = emb[2 + n_other:]  # [k, dim]
     sims = cand @ cand.T  # [k, k]
-    relevance = (cand @ emb[0] + cand @ emb[1]) / 2  # [k]
+    own = cand @ emb[0]  # [k]
+    relevance = (own + cand @ emb[1]) / 2  # [k]
+    if n_other:
+        closest_other = (cand @ emb[2:2 + n_other].T).max(axis=1)  # [k]
+        relevance = relevance - np.maximum(0.0, closest_other - own)
     k = len(candidates)
     scores = []
     for i, (c, text) in enumerate(zip(candidates, bodies, strict=True)):
@@ -68,6 +78,7 @@ def score_candidates(question: str, point: str, candidates: list[ExpansionResult
             signals.append((w.agreement, agreement))
         total = sum(wt for wt, _ in signals)
         score = sum(wt * s for wt, s in signals) / total if total and text else 0.0
+        score *= min(1.0, len(text.split()) / MIN_WORDS)  # a bare phrase explains nothing
         scores.append(CandidateScore(c.candidate, c.worker, c.model, c.adapter, confidence,
                                      agreement, float(relevance[i]), score))
     return scores
@@ -75,10 +86,11 @@ def score_candidates(question: str, point: str, candidates: list[ExpansionResult
 
 def select(question: str, point: str, candidates: list[ExpansionResult], embedder: Embedder,
            weights: SelectionWeights | None = None,
+           other_points: list[str] | tuple[str, ...] = (),
            ) -> tuple[ExpansionResult, list[CandidateScore]]:
     """The winning candidate (ties: the lower candidate number) and every candidate's score."""
     if not candidates:
         raise ValueError("select needs at least one candidate")
-    scores = score_candidates(question, point, candidates, embedder, weights)
+    scores = score_candidates(question, point, candidates, embedder, weights, other_points)
     best = max(range(len(candidates)), key=lambda i: (scores[i].score, -candidates[i].candidate))
     return candidates[best], scores

@@ -69,3 +69,18 @@ def test_ties_go_to_the_lower_candidate_and_no_candidates_is_refused() -> None:
     assert winner.candidate == 0
     with pytest.raises(ValueError, match="at least one candidate"):
         select(QUESTION, POINT, [], get_embedder())
+
+
+def test_text_about_another_point_or_a_bare_phrase_loses() -> None:
+    sketch = ["Fixed sleep schedule", POINT, "No screens late"]
+    others = [p for p in sketch if p != POINT]
+    copied = cand(0, "Fixed sleep schedule", logprob=-0.1)  # another point, restated
+    good = cand(1, ON_TOPIC, logprob=-0.8)
+    winner, (c, _) = select(QUESTION, POINT, [copied, good], get_embedder(),
+                            other_points=others)
+    assert winner.candidate == 1
+    alone = score_candidates(QUESTION, POINT, [copied], get_embedder())[0]
+    assert c.relevance < alone.relevance  # knowing the other points is what exposes it
+    short, full = score_candidates(QUESTION, POINT, [cand(0, "Dark room."), cand(1, ON_TOPIC)],
+                                   get_embedder())
+    assert short.score < full.score and short.confidence == full.confidence
