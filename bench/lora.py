@@ -165,10 +165,12 @@ def run_lora_bench(cfg: LoraBenchConfig) -> dict[str, Any]:
                 {"kind": "peft_switch", "traces": {base_key: traces[base_key]}},
                 {"kind": "peft_batch", "traces": {base_key: traces[base_key]}}]
         raw: dict[str, Any] = {}
+        cfg.out_dir.mkdir(parents=True, exist_ok=True)
         for job in tqdm(jobs, desc="bench lora", unit="system"):
             raw[job["kind"]] = _worker(common | job, root)
+            # each system's raw records as soon as it finishes (a later failure keeps them)
+            (cfg.out_dir / f"lora-raw-{job['kind']}.json").write_text(json.dumps(raw[job["kind"]]))
     result = _report(cfg, raw, base_key)
-    cfg.out_dir.mkdir(parents=True, exist_ok=True)
     (cfg.out_dir / "lora.json").write_text(json.dumps(result, indent=2, default=str))
     _plot(result, cfg.out_dir / "lora.png")
     return result

@@ -211,7 +211,7 @@ class _PeftAdapters:
             else:
                 self.model.load_adapter(path, adapter_name=name)
             self.loaded[name] = None
-            while len(self.loaded) > self.capacity:
+            while len(self.loaded) > max(self.capacity, len(set(names))):
                 old = next(n for n in self.loaded if n not in names)
                 del self.loaded[old]
                 self.model.delete_adapter(old)
