@@ -43,6 +43,7 @@ class BenchConfig:
     max_points: int = 6
     backend: str = "engine"  # generation backend for both tiers
     quantization: str | None = None
+    edges: str = "local"  # "remote": in-process worker vs `pice edge` agents (progressive_remote)
 
 
 @dataclass
@@ -157,6 +158,10 @@ def _plot(rows: list[Row], summary: dict[str, Any], path: Path) -> None:
 
 
 def run_bench(cfg: BenchConfig) -> dict[str, Any]:
+    if cfg.edges == "remote":
+        from pice.bench.progressive_remote import run_remote_bench
+
+        return run_remote_bench(cfg)
     questions = load_questions(cfg.categories, cfg.limit)
     settings = ServeSettings(cloud_model=cfg.cloud_model, edge_models=[cfg.edge_model],
                              cache_dir=cfg.cache_dir, threads=cfg.threads,

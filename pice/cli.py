@@ -118,7 +118,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
                       limit=args.limit, max_tokens=args.max_tokens, out_dir=args.out,
                       cache_dir=args.cache_dir, threads=args.threads or 0,
                       categories=args.category, backend=args.backend or "engine",
-                      quantization=args.quantization)
+                      quantization=args.quantization, edges=args.edges)
     summary = run_bench(cfg)
     print(json.dumps(summary["ratios"], indent=2))
     return 0
@@ -282,6 +282,9 @@ def build_parser() -> argparse.ArgumentParser:
     _model_args(b)
     b.add_argument("--limit", type=int, default=0, help="questions to run (0 → all)")
     b.add_argument("--category", action="append", help="only these categories (repeatable)")
+    b.add_argument("--edges", choices=["local", "remote"], default="local",
+                   help="remote: in-process worker vs edge agents over loopback, and the cost "
+                   "of killing an agent mid-run (suitable questions; --limit default 6)")
     b.add_argument("--max-tokens", type=int, default=256)
     b.add_argument("--out", type=Path, default=Path("bench-results"))
     b.set_defaults(fn=cmd_bench)

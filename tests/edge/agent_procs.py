@@ -14,6 +14,7 @@ from typing import Any
 
 import httpx
 
+from pice.bench.progressive_remote import die_with_parent
 from pice.cloud.edge_tokens import EdgeTokenStore
 
 WAIT_S = 180.0  # generous deadline for a process to load torch and a tiny model on a busy box
@@ -42,7 +43,8 @@ class Agent:
                "--threads", "1", "--drain-timeout", "60", *extra]
         full_env = {**os.environ, "PICE_EDGE_TOKEN": token, **(env or {})}
         with self.log_path.open("w") as log:
-            self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=full_env)
+            self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=full_env,
+                                         preexec_fn=die_with_parent)
 
     def log(self) -> str:
         return self.log_path.read_text()
