@@ -276,7 +276,7 @@ def _plot(runs: list[Run], summary: dict[str, Any], path: Path) -> None:
     ax2.bar(["2 agents", "2 agents, one\nkilled mid-run"],
             [summary[n]["latency_mean_s"] for n in names], color=["tab:green", "tab:red"])
     ax2.set_ylabel("mean latency (s)")
-    ax2.set_title(f"kill -9 cost: +{summary['ratios']['kill_extra_latency_s']:.2f} s")
+    ax2.set_title(f"kill -9 cost: {summary['ratios']['kill_extra_latency_s']:+.2f} s")
     fig.suptitle("pice bench progressive --edges remote")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
