@@ -27,14 +27,21 @@ def cut_off(result: ExpansionResult, point: str) -> bool:
     return result.finish_reason == "length" and not _SENTENCE_END.search(body(result, point))
 
 
+def _salvageable(text: str, min_words: int = 6) -> bool:
+    """A cut-off text whose complete sentences alone make a section (at least `min_words`)."""
+    m = _LAST_SENTENCE_END.match(text)
+    return bool(m) and len(m.group(1).split()) >= min_words
+
+
 def verdict(result: ExpansionResult, point: str, score: float | None,
             cfg: GuardConfig) -> str | None:
-    """Why this point must be repaired ("empty", "cut off", "low score"), or None (whether or
-    not the guard is enabled)."""
+    """Why this point must be repaired ("empty", "cut off" with no full sentence to keep,
+    "low score"), or None (whether or not the guard is enabled). A cut-off text with complete
+    sentences is not repaired: `finish` drops its tail, which costs no cloud pass."""
     if not body(result, point):
         return "empty"
-    if cut_off(result, point):
-        return "cut off"
+    if cut_off(result, point) and not _salvageable(body(result, point)):
+        return "cut off"  # nothing worth keeping before the cut (a salvageable one is trimmed)
     if score is not None and score < cfg.threshold:
         return "low score"
     return None

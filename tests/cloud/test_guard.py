@@ -34,6 +34,10 @@ def test_verdicts() -> None:
     assert verdict(result(""), POINT, 0.9, CFG) == "empty"
     assert verdict(result("Close the curtains and", "length"), POINT, 0.9, CFG) == "cut off"
     assert verdict(result("Close the curtains.", "length"), POINT, 0.9, CFG) is None
+    # a cut-off text with a full sentence worth keeping is trimmed, not sent to the cloud
+    kept = "Close the curtains an hour before bed. Then turn off the"
+    assert verdict(result(kept, "length"), POINT, 0.9, CFG) is None
+    assert verdict(result("Close them. Then turn off the", "length"), POINT, 0.9, CFG) == "cut off"
     assert verdict(result("Close the curtains"), POINT, 0.9, CFG) is None  # ended naturally
     assert verdict(result("Close the curtains."), POINT, 0.39, CFG) == "low score"
     assert verdict(result("Close the curtains."), POINT, None, CFG) is None
