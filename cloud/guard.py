@@ -30,7 +30,7 @@ def cut_off(result: ExpansionResult, point: str) -> bool:
 def _salvageable(text: str, min_words: int = 6) -> bool:
     """A cut-off text whose complete sentences alone make a section (at least `min_words`)."""
     m = _LAST_SENTENCE_END.match(text)
-    return bool(m) and len(m.group(1).split()) >= min_words
+    return m is not None and len(m.group(1).split()) >= min_words
 
 
 def verdict(result: ExpansionResult, point: str, score: float | None,
