@@ -130,6 +130,12 @@ class AdapterCatalog:
         os.replace(tmp, path)
 
     # ---- queries ------------------------------------------------------------------------------
+    def hidden_from(self, tenant: Tenant, engine_name: str) -> bool:
+        """A tenant adapter that `tenant` may not see (server-loaded adapters are never hidden)."""
+        with self._lock:
+            rec = self._records.get(engine_name)
+        return rec is not None and rec.owner != tenant.name and not rec.public
+
     def visible(self, tenant: Tenant) -> list[AdapterRecord]:
         with self._lock:
             recs = [r for r in self._records.values() if r.owner == tenant.name or r.public]

@@ -10,10 +10,12 @@ from fastapi import APIRouter, Depends, WebSocket
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel
 
-from pice.cloud.api.deps import get_pipeline
+from pice.cloud.adapter_catalog import AdapterCatalog
+from pice.cloud.api.deps import get_catalog, get_pipeline, get_tenant
 from pice.cloud.api.errors import error_body
 from pice.cloud.edge_hub import POLICY_VIOLATION, RemoteEdge
 from pice.cloud.pipeline import Pipeline
+from pice.cloud.tenants import Tenant
 
 router = APIRouter(tags=["edges"])
 
@@ -43,12 +45,16 @@ class EdgeList(BaseModel):
 
 
 @router.get("/v1/edges", response_model=EdgeList)
-async def list_edges(pipeline: Annotated[Pipeline, Depends(get_pipeline)]) -> EdgeList:
+async def list_edges(pipeline: Annotated[Pipeline, Depends(get_pipeline)],
+                     tenant: Annotated[Tenant, Depends(get_tenant)],
+                     catalog: Annotated[AdapterCatalog, Depends(get_catalog)]) -> EdgeList:
+    """Needs an API key when keys are configured; a tenant sees only the adapters it may use."""
     views = []
     for edge in pipeline.edges.edges():
         s = edge.state()
+        adapters = sorted(a for a in s.adapters if not catalog.hidden_from(tenant, a))
         view = EdgeView(edge_id=s.edge_id, kind="local", models=list(s.models),
-                        adapters=sorted(s.adapters), slots=s.slots, inflight=s.inflight,
+                        adapters=adapters, slots=s.slots, inflight=s.inflight,
                         tokens_per_s=s.tokens_per_s, rtt_s=s.rtt_s,
                         failure_rate=s.failure_rate, healthy=s.healthy)
         if isinstance(edge, RemoteEdge):

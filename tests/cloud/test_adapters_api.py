@@ -404,3 +404,13 @@ def test_bad_model_or_adapter_names(url: str, tiny_model_dir: Path, model: str,
     assert r.status_code == status, r.text
     err = r.json()["error"]
     assert err["param"] == param and needle in err["message"]
+
+
+def test_edges_listing_needs_a_key_and_hides_other_tenants_adapters(url: str) -> None:
+    assert httpx.get(f"{url}/v1/edges", timeout=10).status_code == 401
+    assert chat(url, ALICE, "sql", "hi").status_code == 200  # alice/sql now sits in a slot
+    seen = {a for e in httpx.get(f"{url}/v1/edges", headers=auth(ALICE), timeout=10)
+            .json()["data"] for a in e["adapters"]}
+    assert "alice/sql" in seen
+    for e in httpx.get(f"{url}/v1/edges", headers=auth(BOB), timeout=10).json()["data"]:
+        assert "alice/sql" not in e["adapters"]
