@@ -23,4 +23,5 @@ def test_manifests_match_the_app(monkeypatch: pytest.MonkeyPatch) -> None:
     for key, value in env.items():
         monkeypatch.setenv(key, value)
     settings = ServeSettings()
-    assert settings.port == 8000 and settings.edge_models == ["qwen2.5-coder-0.5b-instruct"]
+    assert settings.port == 8000
+    assert settings.edge_models == ["qwen2.5-coder-0.5b-instruct", "gemma-3-270m"]
