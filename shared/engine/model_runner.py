@@ -49,7 +49,11 @@ class ModelRunner:
         m = self.model
         per_block = 2 * m.num_layers * cfg.block_size * m.num_kv_heads * m.head_dim * \
             self.dtype.itemsize
-        self.num_blocks = cfg.num_blocks or max(1, int(cfg.kv_cache_gb * 2**30 // per_block))
+        # never more than every sequence of a full step at the longest context can hold: a small
+        # model or a short context does not pin the whole kv_cache_gb budget
+        most = cfg.max_num_seqs * -(-cfg.max_model_len // cfg.block_size)
+        self.num_blocks = cfg.num_blocks or max(
+            1, min(most, int(cfg.kv_cache_gb * 2**30 // per_block)))
         shape = (self.num_blocks, cfg.block_size, m.num_kv_heads, m.head_dim)
         # kv_caches[layer] = (k, v), each [num_blocks, block_size, kv_heads, head_dim]
         self.kv_caches = [(torch.zeros(shape, dtype=self.dtype, device=self.device),
