@@ -67,17 +67,23 @@ def load_questions(categories: list[str] | None, limit: int) -> list[dict[str, A
     rows = [json.loads(line) for line in text.splitlines() if line.strip()]
     if categories:
         rows = [r for r in rows if r["category"] in categories]
-    if limit:  # round-robin over categories so a small run still covers all of them
-        by_cat: dict[str, list[dict[str, Any]]] = {}
-        for r in rows:
-            by_cat.setdefault(r["category"], []).append(r)
-        picked: list[dict[str, Any]] = []
-        while len(picked) < min(limit, len(rows)):
-            for cat_rows in by_cat.values():
-                if cat_rows and len(picked) < limit:
-                    picked.append(cat_rows.pop(0))
-        rows = picked
-    return rows
+    return round_robin(rows, limit)
+
+
+def round_robin(rows: list[dict[str, Any]], limit: int) -> list[dict[str, Any]]:
+    """Up to `limit` rows (0 → all), taken across categories in turn so that a small run still
+    covers all of them."""
+    if not limit:
+        return rows
+    by_cat: dict[str, list[dict[str, Any]]] = {}
+    for r in rows:
+        by_cat.setdefault(r["category"], []).append(r)
+    picked: list[dict[str, Any]] = []
+    while len(picked) < min(limit, len(rows)):
+        for cat_rows in by_cat.values():
+            if cat_rows and len(picked) < limit:
+                picked.append(cat_rows.pop(0))
+    return picked
 
 
 async def _one(pipeline: Pipeline, q: dict[str, Any], mode: str, cfg: BenchConfig) -> Row:

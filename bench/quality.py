@@ -30,7 +30,7 @@ from typing import Any, cast
 import torch
 from tqdm import tqdm
 
-from pice.bench.progressive import load_questions
+from pice.bench.progressive import load_questions, round_robin
 from pice.cloud.ensemble import EnsembleConfig, PinnedEnsemble, Source
 from pice.cloud.events import DoneEvent
 from pice.cloud.guard import GuardConfig
@@ -280,7 +280,7 @@ def run_quality(cfg: QualityConfig, progress: bool = True) -> dict[str, Any]:
               [json.loads(line) for line in cfg.questions.read_text().splitlines() if line])
     if cfg.suitable_only:
         rows_q = [q for q in rows_q if q["suits_sketch"]]
-    questions = _round_robin(rows_q, cfg.limit)
+    questions = round_robin(rows_q, cfg.limit)
     settings = ServeSettings(cloud_model=cfg.cloud_model, edge_models=cfg.edge_models,
                              cache_dir=cfg.cache_dir, threads=cfg.threads,
                              default_max_tokens=cfg.max_tokens, backend=cfg.backend,
@@ -339,17 +339,3 @@ def _result(cfg: QualityConfig, configs: dict[str, EnsembleConfig], rows: list[R
         "summary": summary,
         "rows": [asdict(r) for r in rows],
     }
-
-
-def _round_robin(rows: list[dict[str, Any]], limit: int) -> list[dict[str, Any]]:
-    if not limit:
-        return rows
-    by_cat: dict[str, list[dict[str, Any]]] = {}
-    for r in rows:
-        by_cat.setdefault(r["category"], []).append(r)
-    picked: list[dict[str, Any]] = []
-    while len(picked) < min(limit, len(rows)):
-        for cat_rows in by_cat.values():
-            if cat_rows and len(picked) < limit:
-                picked.append(cat_rows.pop(0))
-    return picked

@@ -56,13 +56,19 @@ def train_to_sketch(model_dir: Path, prompts: list[str], answer: str = SKETCH_AN
                     steps: int = 80, seed: int = 0) -> Path:
     """Teach the tiny model to answer every given sketch prompt with `answer` (a few seconds of
     Adam on CPU), so tests exercise a real sketch → parse → expand path."""
+    return teach(model_dir, [(p, answer) for p in prompts], steps, seed)
+
+
+def teach(model_dir: Path, pairs: list[tuple[str, str]], steps: int = 400,
+          seed: int = 0) -> Path:
+    """A few seconds of Adam so the tiny model answers each prompt with its text; saved in place."""
     tok = PreTrainedTokenizerFast.from_pretrained(model_dir)
     model = Qwen2ForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
     torch.manual_seed(seed)
-    target = tok(answer + "<|im_end|>", add_special_tokens=False)["input_ids"]
     batches = []
-    for p in prompts:
-        ids = tok(p, add_special_tokens=False)["input_ids"]
+    for prompt, answer in pairs:
+        ids = tok(prompt, add_special_tokens=False)["input_ids"]
+        target = tok(answer + "<|im_end|>", add_special_tokens=False)["input_ids"]
         x = torch.tensor([ids + target])  # x: [1, prompt + answer]
         labels = x.clone()
         labels[0, : len(ids)] = -100  # learn the answer only

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast, Qwen2ForCausalLM
+from transformers import AutoModelForCausalLM
 
 from pice.cli import main
 from pice.cloud.sketcher import parse_sketch, sketch_messages
@@ -19,33 +19,11 @@ from pice.shared.config import ServeSettings
 from pice.shared.hf_backend import HFGenerator
 from pice.shared.protocol import ExpansionTask
 from tests.conftest import SKETCH_QUESTIONS
-from tests.factories import SKETCH_ANSWER
+from tests.factories import SKETCH_ANSWER, teach
 
 EXPANSION = "Keep the same bedtime every night."
 
 
-def teach(model_dir: Path, pairs: list[tuple[str, str]], steps: int = 400) -> None:
-    """A few seconds of Adam so the tiny model answers each prompt with its text."""
-    tok = PreTrainedTokenizerFast.from_pretrained(model_dir)
-    model = Qwen2ForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
-    torch.manual_seed(0)
-    batches = []
-    for prompt, answer in pairs:
-        ids = tok(prompt, add_special_tokens=False)["input_ids"]
-        target = tok(answer + "<|im_end|>", add_special_tokens=False)["input_ids"]
-        x = torch.tensor([ids + target])  # x: [1, prompt + answer]
-        labels = x.clone()
-        labels[0, : len(ids)] = -100
-        batches.append((x, labels))
-    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
-    model.train()
-    for step in range(steps):
-        x, labels = batches[step % len(batches)]
-        loss = model(input_ids=x, labels=labels).loss
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    model.save_pretrained(model_dir)
 
 
 @pytest.fixture(scope="module")
