@@ -47,17 +47,23 @@ def static_progressive(q: QueryFeatures, cfg: PolicyConfig, cluster: ClusterStat
                     point_tokens, 1, placement, q.priority, probability, code)
 
 
+def obeyed(q: QueryFeatures, cfg: PolicyConfig, cluster: ClusterState) -> Decision | None:
+    """What every policy does alike: the prechecks, then an explicit `progressive` request."""
+    pre = precheck(q, cfg, cluster)
+    if pre is None and q.requested_mode == "progressive":
+        return static_progressive(q, cfg, cluster, "requested", "requested")
+    return pre
+
+
 @dataclass
 class AlwaysCloud:
     cfg: PolicyConfig
     name: str = "always-cloud"
 
     def decide(self, q: QueryFeatures, cluster: ClusterState) -> Decision:
-        pre = precheck(q, self.cfg, cluster)
+        pre = obeyed(q, self.cfg, cluster)
         if pre is not None:
             return pre
-        if q.requested_mode == "progressive":
-            return static_progressive(q, self.cfg, cluster, "requested", "requested")
         return Decision("cloud", "policy always-cloud", priority=q.priority, code="static")
 
 
@@ -67,11 +73,9 @@ class AlwaysProgressive:
     name: str = "always-progressive"
 
     def decide(self, q: QueryFeatures, cluster: ClusterState) -> Decision:
-        pre = precheck(q, self.cfg, cluster)
+        pre = obeyed(q, self.cfg, cluster)
         if pre is not None:
             return pre
-        if q.requested_mode == "progressive":
-            return static_progressive(q, self.cfg, cluster, "requested", "requested")
         return static_progressive(q, self.cfg, cluster, "policy always-progressive", "static")
 
 
@@ -82,11 +86,9 @@ class RouterOnly:
     name: str = "router-only"
 
     def decide(self, q: QueryFeatures, cluster: ClusterState) -> Decision:
-        pre = precheck(q, self.cfg, cluster)
+        pre = obeyed(q, self.cfg, cluster)
         if pre is not None:
             return pre
-        if q.requested_mode == "progressive":
-            return static_progressive(q, self.cfg, cluster, "requested", "requested")
         p = _probability(q, self.router)
         if p < self.cfg.threshold:
             return Decision("cloud", f"question does not suit a sketch (p={p:.2f})",
@@ -128,11 +130,9 @@ class DynamicPolicy:
 
     def decide(self, q: QueryFeatures, cluster: ClusterState) -> Decision:
         cfg = self.cfg
-        pre = precheck(q, cfg, cluster)
+        pre = obeyed(q, cfg, cluster)
         if pre is not None:
             return pre
-        if q.requested_mode == "progressive":
-            return static_progressive(q, cfg, cluster, "requested", "requested")
         p = _probability(q, self.router)
         predicted = self.lengths.predict(q.question, p, q.max_tokens, q.words)
         index = _index(cluster)
