@@ -41,10 +41,28 @@ def static_progressive(q: QueryFeatures, cfg: PolicyConfig, cluster: ClusterStat
     refused = too_long(cfg, q, sketch_tokens, point_tokens)
     if refused is not None:
         return replace(refused, probability=probability)
-    placement, _ = _index(cluster).place(points, 1, q.model, q.adapter,
-                                         round(point_tokens * cfg.point_fill))
+    busy = cluster.cloud.slots > 0 and cluster.cloud.queue_depth >= cluster.cloud.slots
+    ensemble, placement, _ = place_ensemble(cfg, q, _index(cluster), points, busy,
+                                            round(point_tokens * cfg.point_fill), points)
     return Decision("progressive", reason, points, cfg.words_per_point, sketch_tokens,
-                    point_tokens, 1, placement, q.priority, probability, code)
+                    point_tokens, ensemble, placement, q.priority, probability, code)
+
+
+def place_ensemble(cfg: PolicyConfig, q: QueryFeatures, index: EdgeIndex, points: int,
+                   busy: bool, expect_point: int, min_placed: int,
+                   ) -> tuple[int, tuple[str, ...], float]:
+    """The largest ensemble (candidates per point, at most cfg.max_ensemble) whose points all
+    find room (`min_placed` of them at least), with its placement and expected seconds. Edges
+    have room when their free slots hold every candidate of every point; a busy cloud or a
+    batch request gets one candidate (the edges' spare capacity goes to other requests)."""
+    top = 1
+    if q.priority == "interactive" and not busy:
+        top = max(1, min(cfg.max_ensemble, index.free_slots // max(points, 1)))
+    for k in range(top, 0, -1):
+        placement, seconds = index.place(points, k, q.model, q.adapter, expect_point)
+        if len(placement) >= min_placed or k == 1:
+            return k, placement, seconds
+    raise AssertionError("unreachable: k == 1 returns")
 
 
 def obeyed(q: QueryFeatures, cfg: PolicyConfig, cluster: ClusterState) -> Decision | None:
@@ -121,7 +139,7 @@ class DynamicPolicy:
     p < threshold) is sketched only to relieve a busy cloud, and then also pays (1 - p) times a
     full answer (a sketch that does not suit gets answered again). A busy cloud shortens the
     sketch, busy edges shrink it or keep it in the cloud, batch requests yield the cloud queue,
-    and the ensemble grows only when edges have room to spare."""
+    and the ensemble grows when the edges have room for every candidate."""
 
     cfg: PolicyConfig
     router: Router | None
@@ -154,9 +172,8 @@ class DynamicPolicy:
             else cfg.words_per_point
         point_tokens = point_budget(cfg, q, points)
         expect_point = round(point_tokens * cfg.point_fill)
-        ensemble = cfg.max_ensemble if (q.priority == "interactive" and not busy and
-                                        index.free_slots >= 2 * points * cfg.max_ensemble) else 1
-        placement, expand_s = index.place(points, ensemble, q.model, q.adapter, expect_point)
+        ensemble, placement, expand_s = place_ensemble(cfg, q, index, points, busy,
+                                                       expect_point, points)
         if len(placement) < min(points, self.lengths.cfg.min_points):
             return cloud(f"edges busy ({index.free_slots} free slots for {points} points)",
                          "edges-busy")

@@ -163,3 +163,21 @@ def test_keyword_rule_agrees_with_labels_on_question_set() -> None:
     agree = sum(classify(r["question"]).suits_sketch == r["suits_sketch"] for r in rows)
     assert len(rows) >= 60
     assert agree / len(rows) >= 0.9, f"router agrees on {agree}/{len(rows)}"
+
+
+@pytest.mark.parametrize("mode", ["auto", "progressive"])
+def test_ensemble_runs_whenever_edges_have_room(mode: str) -> None:
+    """Explicit progressive requests too (the native endpoint's default): with free slots for
+    every candidate of every point, each point gets max_ensemble candidates."""
+    for name in ("dynamic", "always-progressive"):
+        d = make_policy(name, CFG).decide(q(mode=mode), edges(n=2, slots=64))
+        assert d.mode == "progressive" and d.ensemble == CFG.max_ensemble, (name, d)
+    # room for two candidates per point only
+    d = make_policy("dynamic", CFG).decide(q(mode=mode, max_points=4), edges(n=1, slots=8))
+    assert d.ensemble == 2 and len(d.placement) == 4
+    # no room to spare, a busy cloud or a batch request: one candidate
+    assert make_policy("dynamic", CFG).decide(q(mode=mode), edges(n=1, slots=6)).ensemble == 1
+    busy = ClusterState(CloudState(queue_depth=4, slots=4), edges(n=2, slots=64).edges)
+    assert make_policy("dynamic", CFG).decide(q(mode=mode), busy).ensemble == 1
+    assert make_policy("dynamic", CFG).decide(q(mode=mode, priority="batch"),
+                                              edges(n=2, slots=64)).ensemble == 1
