@@ -4,9 +4,12 @@ measurements (token rate, failure rate) and a state snapshot for the scheduler."
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
 from typing import Protocol
 
+from pice.scheduler.placement import PlacementConfig, stream_rate
 from pice.scheduler.state import EdgeState
 from pice.shared.protocol import ExpansionResult, ExpansionTask
 
@@ -73,6 +76,31 @@ def _set(fut: asyncio.Future[None]) -> None:
         fut.set_result(None)
 
 
+@dataclass(frozen=True)
+class DeadlineConfig:
+    """How long a remote edge may take over a batch before its points move elsewhere: a floor,
+    plus twice the round trip, plus `multiplier` times the expected decode time of the batch's
+    largest token budget at the edge's measured per-stream rate with the batch's streams."""
+
+    floor_s: float = 30.0  # never less than this (model warm-up, adapter loads, GC pauses)
+    multiplier: float = 4.0  # slack over the expected decode time
+    min_tokens_per_s: float = 1.0  # rate assumed when unmeasured or measured lower
+    suspect_s: float = 60.0  # an edge that missed a deadline takes no work this long
+
+    def __post_init__(self) -> None:
+        if not (self.floor_s > 0 and self.multiplier >= 1 and self.min_tokens_per_s > 0
+                and self.suspect_s >= 0):
+            raise ValueError(f"deadline config needs floor_s > 0, multiplier >= 1, "
+                             f"min_tokens_per_s > 0 and suspect_s >= 0, got {self}")
+
+    def seconds(self, stats: EdgeStats, tasks: list[ExpansionTask]) -> float:
+        """The deadline of one batch, from its token budget and the edge's measurements."""
+        budget = max(t.max_tokens for t in tasks)
+        rate = stream_rate(max(stats.tokens_per_s, self.min_tokens_per_s), len(tasks),
+                           PlacementConfig.batch_half)
+        return self.floor_s + 2 * stats.rtt_s + self.multiplier * budget / rate
+
+
 class EdgeStats:
     """Running measurements of one edge (exponentially weighted)."""
 
@@ -80,6 +108,17 @@ class EdgeStats:
         self.tokens_per_s = tokens_per_s  # decode rate of one stream
         self.rtt_s = 0.0  # cloud↔edge round trip (0 for in-process)
         self.failure_rate = 0.0  # share of recent points that the edge failed to deliver
+        self.deadlines_missed = 0  # batches whose deadline ran out on this edge
+        self.suspect_until = 0.0  # monotonic time before which it takes no work
+
+    @property
+    def suspect(self) -> bool:
+        """Missed a deadline recently: placement skips it until the suspicion lapses."""
+        return time.monotonic() < self.suspect_until
+
+    def observe_deadline_missed(self, suspect_s: float) -> None:
+        self.deadlines_missed += 1
+        self.suspect_until = time.monotonic() + suspect_s
 
     def observe_result(self, r: ExpansionResult) -> None:
         if r.tokens > 0 and r.seconds > 0:

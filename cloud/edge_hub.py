@@ -80,7 +80,8 @@ class RemoteEdge:
     def state(self) -> EdgeState:
         return EdgeState(self.edge_id, self.models, self.gate.slots, self.gate.inflight,
                          self.stats.tokens_per_s, self.stats.rtt_s, self.adapters,
-                         healthy=self.gate.closed is None and not self.draining,
+                         healthy=(self.gate.closed is None and not self.draining
+                                  and not self.stats.suspect),
                          failure_rate=self.stats.failure_rate)
 
     def accepts(self, task: ExpansionTask) -> bool:

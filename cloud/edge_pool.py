@@ -10,7 +10,7 @@ import logging
 from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
 from typing import TYPE_CHECKING, cast
 
-from pice.cloud.edge_base import Edge, EdgeLost, EdgeStats, SlotGate
+from pice.cloud.edge_base import DeadlineConfig, Edge, EdgeLost, EdgeStats, SlotGate
 from pice.scheduler.state import EdgeState
 from pice.shared.aio import iterate_in_thread
 from pice.shared.protocol import ExpansionResult, ExpansionTask
@@ -40,7 +40,10 @@ class NoEdgeAvailableError(RuntimeError):
 
 
 class LocalEdge:
-    """An in-process worker seen as an edge."""
+    """An in-process worker seen as an edge (no batch deadline: it shares the server's process,
+    so it cannot stall without the server stalling too)."""
+
+    in_process = True
 
     def __init__(self, worker: ExpansionWorker, slots: int = LOCAL_SLOTS) -> None:
         self.worker = worker
@@ -55,7 +58,8 @@ class LocalEdge:
         adapters = frozenset(resident()) if callable(resident) else frozenset()
         return EdgeState(self.edge_id, self.models, self.gate.slots, self.gate.inflight,
                          self.stats.tokens_per_s, 0.0, adapters,
-                         healthy=self.gate.closed is None, failure_rate=self.stats.failure_rate)
+                         healthy=self.gate.closed is None and not self.stats.suspect,
+                         failure_rate=self.stats.failure_rate)
 
     def accepts(self, task: ExpansionTask) -> bool:
         # in-process workers share the server's adapter store, so any adapter can be loaded
@@ -67,10 +71,14 @@ class LocalEdge:
 
 
 class EdgePool:
-    def __init__(self, workers: Sequence[ExpansionWorker], hub: EdgeHub | None = None) -> None:
+    def __init__(self, workers: Sequence[ExpansionWorker], hub: EdgeHub | None = None,
+                 deadlines: DeadlineConfig | None = None) -> None:
         self.workers = list(workers)
         self.local = [LocalEdge(w) for w in self.workers]
         self.hub = hub  # remote agents (None: in-process workers only)
+        self.deadlines = deadlines or DeadlineConfig()
+        self.batches_inflight = 0  # batches sent to edges and not finished
+        self.deadlines_missed = 0  # batches whose deadline ran out (their points moved)
 
     def edges(self) -> list[Edge]:
         remote: Iterable[Edge] = self.hub.edges() if self.hub is not None else ()
@@ -179,18 +187,33 @@ class EdgePool:
                          queue: asyncio.Queue[tuple[str, object]]) -> None:
         held = len(batch)  # slots reserved for this batch, released as points finish
         undelivered = {result_key(t): t for t in batch}
+        # a remote edge that stops answering (alive, heartbeating) must not hold points forever:
+        # on its deadline the batch is closed (the hub cancels it on the edge) and its points move
+        limit = None if getattr(edge, "in_process", False) else \
+            self.deadlines.seconds(edge.stats, batch)
+        deadline = asyncio.timeout(limit)
+        self.batches_inflight += 1
         try:
-            async for r in edge.run(batch):
-                if undelivered.pop(result_key(r), None) is None:
-                    continue  # not ours, or twice
-                held -= 1
-                edge.gate.release(1)
-                edge.stats.observe_result(r)
-                queue.put_nowait(("result", r))
-        except Exception as exc:  # the edge failed: its points move on
-            log.warning("edge %s failed mid-batch (%s: %s); %d point(s) undelivered",
-                        edge.edge_id, type(exc).__name__, exc, len(undelivered))
+            async with deadline:
+                async for r in edge.run(batch):
+                    if undelivered.pop(result_key(r), None) is None:
+                        continue  # not ours, or twice
+                    held -= 1
+                    edge.gate.release(1)
+                    edge.stats.observe_result(r)
+                    queue.put_nowait(("result", r))
+        except Exception as exc:  # the edge failed or missed its deadline: its points move on
+            if deadline.expired():
+                self.deadlines_missed += 1
+                edge.stats.observe_deadline_missed(self.deadlines.suspect_s)
+                log.warning("edge %s missed its %.1fs deadline; %d point(s) undelivered, the "
+                            "edge takes no work for %gs", edge.edge_id, limit, len(undelivered),
+                            self.deadlines.suspect_s)
+            else:
+                log.warning("edge %s failed mid-batch (%s: %s); %d point(s) undelivered",
+                            edge.edge_id, type(exc).__name__, exc, len(undelivered))
         finally:
+            self.batches_inflight -= 1
             edge.gate.release(held)
         if undelivered:
             edge.stats.observe_failures(len(undelivered))

@@ -11,6 +11,7 @@ from typing import Any
 
 import torch
 
+from pice.cloud.edge_base import DeadlineConfig
 from pice.cloud.edge_hub import EdgeHub
 from pice.cloud.edge_pool import EdgePool
 from pice.cloud.edge_tokens import EdgeTokenStore
@@ -108,7 +109,12 @@ def build_pipeline(settings: ServeSettings, metrics: Metrics, progress: bool = T
     cloud_slots = cloud.engine.cfg.max_num_seqs if isinstance(cloud, EngineGenerator) else 0
     scheduler = Scheduler.build(settings.policy, policy, SuitabilityRouter(warm=True),
                                 cloud_slots)
-    return Pipeline(cloud, EdgePool(workers, hub=edge_hub(settings)), policy, metrics,
+    deadlines = DeadlineConfig(floor_s=settings.edge_deadline_floor_s,
+                               multiplier=settings.edge_deadline_multiplier,
+                               min_tokens_per_s=settings.edge_deadline_min_rate,
+                               suspect_s=settings.edge_suspect_s)
+    pool = EdgePool(workers, hub=edge_hub(settings), deadlines=deadlines)
+    return Pipeline(cloud, pool, policy, metrics,
                     cloud_worker=EdgeWorker(CLOUD_WORKER_ID, cloud),
                     edge_generators=edge_generators, scheduler=scheduler,
                     ensemble=ensemble_config(settings, edge_generators))

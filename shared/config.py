@@ -40,6 +40,13 @@ class ServeSettings(BaseSettings):
     local_edges: bool = True  # run in-process edge workers for edge_models (False: agents only)
     edge_heartbeat_s: float = Field(2.0, gt=0, le=300)  # agent heartbeat and hub ping period
     edge_lease_s: float = Field(6.0, gt=0, le=3600)  # an agent silent this long is declared dead
+    # a remote edge batch's deadline: floor + 2 × RTT + multiplier × its largest token budget at
+    # the edge's measured per-stream rate (never below min rate); a miss moves its points to
+    # another edge or the cloud, cancels them on the edge and benches the edge for suspect_s
+    edge_deadline_floor_s: float = Field(30.0, gt=0, le=3600)
+    edge_deadline_multiplier: float = Field(4.0, ge=1, le=1000)
+    edge_deadline_min_rate: float = Field(1.0, gt=0, le=1e6)  # tokens/s assumed at worst
+    edge_suspect_s: float = Field(60.0, ge=0, le=86400)
     # ensemble expansion: quality guard and the distilled expansion adapter
     guard: bool = True  # re-expand empty, cut-off and low-scoring points in the cloud
     guard_threshold: float = Field(0.4, ge=0.0, le=1.0)  # selection score below → repair

@@ -33,6 +33,8 @@ class EdgeView(BaseModel):
     rtt_s: float  # measured round trip (0 for in-process)
     failure_rate: float  # recent share of points it failed to deliver
     healthy: bool  # takes work now
+    deadlines_missed: int = 0  # batches whose deadline ran out on it (their points moved)
+    suspect: bool = False  # missed a deadline recently: takes no work until that lapses
     draining: bool = False  # remote: shutting down, finishing its work
     connected_for_s: float | None = None  # remote: since registration
     last_seen_s: float | None = None  # remote: since its last frame (the lease runs from it)
@@ -56,7 +58,9 @@ async def list_edges(pipeline: Annotated[Pipeline, Depends(get_pipeline)],
         view = EdgeView(edge_id=s.edge_id, kind="local", models=list(s.models),
                         adapters=adapters, slots=s.slots, inflight=s.inflight,
                         tokens_per_s=s.tokens_per_s, rtt_s=s.rtt_s,
-                        failure_rate=s.failure_rate, healthy=s.healthy)
+                        failure_rate=s.failure_rate, healthy=s.healthy,
+                        deadlines_missed=edge.stats.deadlines_missed,
+                        suspect=edge.stats.suspect)
         if isinstance(edge, RemoteEdge):
             view.kind = "remote"
             view.draining = edge.draining
