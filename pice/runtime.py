@@ -12,6 +12,7 @@ from typing import Any
 import torch
 
 from pice.cloud.edge_base import DeadlineConfig
+from pice.cloud.backends import cloud_generator
 from pice.cloud.edge_hub import EdgeHub
 from pice.cloud.edge_pool import EdgePool
 from pice.cloud.edge_tokens import EdgeTokenStore
@@ -88,7 +89,10 @@ def run_edge_agent(cfg: AgentConfig, settings: ServeSettings, progress: bool = T
     return asyncio.run(agent.run())
 
 
-def build_pipeline(settings: ServeSettings, metrics: Metrics, progress: bool = True) -> Pipeline:
+def build_pipeline(settings: ServeSettings, metrics: Metrics, progress: bool = True,
+                   cloud: TextGenerator | None = None) -> Pipeline:
+    """`cloud`: a cloud model served elsewhere (the Ray app's deployment handle); None → the
+    one PICE_CLOUD_BACKEND names."""
     set_threads(settings.threads)
     loaded: dict[str, TextGenerator] = {}
 
@@ -97,7 +101,7 @@ def build_pipeline(settings: ServeSettings, metrics: Metrics, progress: bool = T
             loaded[spec] = load_generator(spec, settings, progress)
         return loaded[spec]
 
-    cloud = get(settings.cloud_model)
+    cloud = cloud or cloud_generator(settings, get, progress)
     workers = [EdgeWorker(f"edge-{i}", get(spec)) for i, spec in enumerate(settings.edge_models)
                if settings.local_edges]
     policy = PolicyConfig(default_max_points=settings.default_max_points,

@@ -28,6 +28,9 @@ class ServeSettings(BaseSettings):
     default_max_tokens: int = Field(512, ge=1, le=131072)
     threads: int = Field(0, ge=0, le=1024)  # torch intra-op threads; 0 → all cores
     backend: Literal["engine", "hf"] = "engine"  # our paged-KV engine, or transformers generate
+    # who serves the cloud model: local (`backend` above), openai (an OpenAI-compatible server,
+    # PICE_OPENAI_*) or vllm (vLLM in-process, PICE_VLLM_*); see pice.cloud.backends
+    cloud_backend: Literal["local", "openai", "vllm"] = "local"
     quantization: Literal["int8"] | None = None  # engine: dynamic int8 linear layers
     kv_cache_gb: float = Field(1.0, gt=0, le=1024)  # engine: KV-cache pool per model
     lora_max_rank: int = Field(64, ge=1, le=128)  # engine: largest LoRA adapter rank accepted
