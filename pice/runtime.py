@@ -11,8 +11,8 @@ from typing import Any
 
 import torch
 
-from pice.cloud.edge_base import DeadlineConfig
 from pice.cloud.backends import cloud_generator
+from pice.cloud.edge_base import DeadlineConfig
 from pice.cloud.edge_hub import EdgeHub
 from pice.cloud.edge_pool import EdgePool
 from pice.cloud.edge_tokens import EdgeTokenStore
