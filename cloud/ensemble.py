@@ -14,15 +14,16 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field
 
 from pice.cloud.events import SectionEvent
-from pice.cloud.guard import GuardConfig, finish, verdict
+from pice.cloud.guard import GuardConfig, clean, finish, verdict
 from pice.cloud.metrics import Metrics
-from pice.cloud.selection import CandidateScore, SelectionWeights, select
+from pice.cloud.selection import CandidateScore, SelectionWeights, body, select
 from pice.shared.embeddings import Embedder, get_embedder
 from pice.shared.protocol import ExpansionResult, ExpansionTask
 from pice.shared.worker import CLOUD_WORKER_ID, ExpansionWorker
 
 log = logging.getLogger(__name__)
 
+Repair = tuple[ExpansionResult, list["CandidateScore"], str]  # (pick, scores, why)
 # EdgePool.dispatch: tasks and {task position: edge id} → results as they arrive
 Dispatch = Callable[[list[ExpansionTask], Mapping[int, str]], AsyncIterator[ExpansionResult]]
 
@@ -107,7 +108,7 @@ class PointExpander:
             expected[t.index] += 1
         base = {t.index: t for t in tasks}
         arrived: dict[int, list[ExpansionResult]] = {}
-        repairs: list[tuple[ExpansionResult, list[CandidateScore], str]] = []
+        repairs: list[Repair] = []
         try:
             async for r in dispatch(candidates, where):
                 if r.worker != CLOUD_WORKER_ID:
@@ -115,12 +116,13 @@ class PointExpander:
                 got = arrived.setdefault(r.index, [])
                 got.append(r)
                 if len(got) == expected[r.index]:
-                    picked = await self._decide(base[r.index], arrived.pop(r.index), repairs)
+                    picked = await self._decide(base[r.index], arrived.pop(r.index), repairs,
+                                               stats)
                     if picked is not None:
                         yield picked
         except Exception:
             for index in sorted(arrived):  # decide what did arrive; the rest is the caller's
-                picked = await self._decide(base[index], arrived.pop(index), repairs)
+                picked = await self._decide(base[index], arrived.pop(index), repairs, stats)
                 if picked is not None:
                     yield picked
             async for picked in self._repair(repairs, base, stats):
@@ -130,48 +132,79 @@ class PointExpander:
             yield picked
 
     async def _decide(self, task: ExpansionTask, got: list[ExpansionResult],
-                      repairs: list[tuple[ExpansionResult, list[CandidateScore], str]],
-                      ) -> Picked | None:
+                      repairs: list[Repair], stats: EnsembleStats) -> Picked | None:
+        """The best-scoring candidate that is not garbage (trimmed to its good part when it
+        needed it); a point with none, or whose pick fails the guard, goes to `repairs`."""
         point = task.sketch[task.index]
         got.sort(key=lambda r: r.candidate)
         others = [p for i, p in enumerate(task.sketch) if i != task.index]
-        winner, scores = await asyncio.to_thread(select, task.question, point, got,
-                                                 self.embedder(), self.cfg.weights, others)
-        best = next(s for s in scores if s.candidate == winner.candidate)
-        self.metrics.ensemble_wins.labels(winner.model, winner.adapter or "").inc()
-        if not self.cfg.guard.enabled:
-            return Picked(winner, _section(winner, scores, None))
-        why = verdict(winner, point, best.score, self.cfg.guard)
-        if why is not None and (self.cloud_worker is not None or why != "low score"):
-            repairs.append((winner, scores, why))
-            return None
-        final = finish(winner, point)
-        return Picked(final, _section(final, scores, None))
+        _, scores = await asyncio.to_thread(select, task.question, point, got,
+                                            self.embedder(), self.cfg.weights, others)
+        by_candidate = {(s.candidate, s.worker): s for s in scores}
+        ranked = sorted(got, key=lambda r: (-by_candidate[(r.candidate, r.worker)].score,
+                                            r.candidate))
+        guard = self.cfg.guard
+        if not guard.enabled:  # sections pass through untouched
+            top = ranked[0]
+            self.metrics.ensemble_wins.labels(top.model, top.adapter or "").inc()
+            return Picked(top, _section(top, scores, None))
+        first_problem: tuple[ExpansionResult, str] | None = None
+        for r in ranked:
+            score = by_candidate[(r.candidate, r.worker)]
+            used, why = clean(r, point, others)
+            if used is not None and why is None and score.drift > guard.max_drift:
+                used, why = None, "off point"
+            if used is None:
+                assert why is not None
+                first_problem = first_problem or (r, why)
+                continue
+            self.metrics.ensemble_wins.labels(used.model, used.adapter or "").inc()
+            bad = verdict(used, point, score.score, guard)
+            if bad is not None and (self.cloud_worker is not None or bad != "low score"):
+                repairs.append((used, scores, bad))
+                return None
+            if why is not None:  # garbage trimmed away: what is left stands
+                self._count(task.index, why, score.score, "trim", stats)
+            final = finish(used, point)
+            return Picked(final, _section(final, scores, why))
+        assert first_problem is not None
+        r, why = first_problem
+        repairs.append((r, scores, why))  # every candidate was garbage
+        return None
 
-    async def _repair(self, repairs: list[tuple[ExpansionResult, list[CandidateScore], str]],
-                      base: dict[int, ExpansionTask], stats: EnsembleStats,
-                      ) -> AsyncIterator[Picked]:
-        """The guard's points, re-expanded by the cloud model in one batch (or, without a cloud
-        worker, finished at a sentence end)."""
+    def _count(self, index: int, why: str, score: float | None, by: str,
+               stats: EnsembleStats) -> None:
+        self.metrics.guard_repairs.labels(why).inc()
+        stats.repaired.append({"index": index, "reason": why, "score": score, "by": by})
+        log.info("guard: point %d (%s) repaired by %s", index, why, by)
+
+    async def _repair(self, repairs: list[Repair], base: dict[int, ExpansionTask],
+                      stats: EnsembleStats) -> AsyncIterator[Picked]:
+        """The guard's points, re-expanded by the cloud model in one batch (when the guard is on
+        and there is a cloud worker); whatever comes back is cleaned and finished at a sentence
+        end, and a point with nothing usable left keeps only its title."""
         if not repairs:
             return
         todo, repairs[:] = list(repairs), []
         fixed: dict[int, ExpansionResult] = {}
-        if self.cloud_worker is not None:
+        if self.cloud_worker is not None and self.cfg.guard.enabled:
             tasks = [base[r.index].model_copy(update={
                 "max_tokens": int(base[r.index].max_tokens * self.cfg.guard.repair_token_factor),
                 "model": None, "adapter": None, "candidate": 0}) for r, _, _ in todo]
             fixed = {r.index: r for r in
                      await asyncio.to_thread(self.cloud_worker.expand, tasks)}
         for r, scores, why in todo:
-            point = base[r.index].sketch[r.index]
-            final = finish(fixed.get(r.index, r), point)
-            self.metrics.guard_repairs.labels(why).inc()
+            task = base[r.index]
+            point = task.sketch[r.index]
+            others = [p for i, p in enumerate(task.sketch) if i != r.index]
+            got = fixed.get(r.index, r)
+            used, _ = clean(got, point, others)
+            if used is None:  # nothing usable: the title alone, never garbage
+                used = got.model_copy(update={"text": "", "finish_reason": "stop"})
+            final = finish(used, point)
             best = next(s for s in scores if s.candidate == r.candidate)
-            stats.repaired.append({"index": r.index, "reason": why, "score": best.score,
-                                   "by": final.worker})
-            log.info("guard: point %d (%s, score %.3f) repaired by %s", r.index, why,
-                     best.score, final.worker)
+            self._count(r.index, why, best.score,
+                        final.worker if body(final, point) else "title", stats)
             yield Picked(final, _section(final, scores, why))
 
 

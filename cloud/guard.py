@@ -1,6 +1,8 @@
-"""Quality guard: a point whose best candidate is empty, cut off (hit its token budget without
-ending a sentence) or scores under the threshold is re-expanded by the cloud model; whatever the
-cloud returns is finished at a sentence end, so no answer carries an empty or cut-off section."""
+"""Quality guard: a point whose best candidate is garbage (echoes the sketch, writes another
+point, repeats itself, restates its title: garbage.py; or drifts off its point), empty, cut off
+(hit its token budget without ending a sentence) or scores under the threshold is re-expanded by
+the cloud model; whatever comes back is cleaned the same way and finished at a sentence end, so
+no answer carries a garbage, empty or cut-off section (the point's title stands in last)."""
 
 from __future__ import annotations
 
@@ -8,6 +10,7 @@ import re
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from pice.cloud.garbage import problem, salvage
 from pice.cloud.selection import body
 from pice.shared.protocol import ExpansionResult
 
@@ -15,11 +18,18 @@ _SENTENCE_END = re.compile(r"""[.!?…](?:["')\]]*)\s*$""")
 _LAST_SENTENCE_END = re.compile(r"""^(.*[.!?…]["')\]]*)(?:\s|$)""", re.S)
 
 
+# why a point was repaired (the `reason` label of pice_guard_repairs_total)
+REASONS = ("echo", "other point", "repeats", "restates", "off point", "empty", "cut off",
+           "low score")
+
+
 class GuardConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
     enabled: bool = True  # False: sections pass through untouched (scores still computed)
     threshold: float = Field(0.4, ge=0.0, le=1.0)  # combined selection score below → repair
     repair_token_factor: float = Field(2.0, ge=1.0, le=8.0)  # cloud budget vs the edge's
+    # off point: the text is this much closer (MiniLM cosine) to another point than to its own
+    max_drift: float = Field(0.1, ge=0.0, le=2.0)
 
 
 def cut_off(result: ExpansionResult, point: str) -> bool:
@@ -45,6 +55,21 @@ def verdict(result: ExpansionResult, point: str, score: float | None,
     if score is not None and score < cfg.threshold:
         return "low score"
     return None
+
+
+def clean(result: ExpansionResult, point: str, others: list[str]
+          ) -> tuple[ExpansionResult | None, str | None]:
+    """(the result to use, what was wrong): unchanged and None when it is fine; its good part
+    (finish_reason "stop") and the problem when one could be kept; None and the problem when
+    nothing could."""
+    text = body(result, point)
+    why = problem(text, point, others)
+    if why is None:
+        return result, None
+    kept = salvage(text, point, others)
+    if kept is None:
+        return None, why
+    return result.model_copy(update={"text": f"{point}: {kept}", "finish_reason": "stop"}), why
 
 
 def finish(result: ExpansionResult, point: str) -> ExpansionResult:

@@ -37,6 +37,7 @@ class CandidateScore:
     relevance: float  # mean cosine similarity to the point title and to the question, less how
     # much closer the text is to another point of the sketch than to its own (off-point text)
     score: float  # weighted mean of the signals present, scaled down for a very short text
+    drift: float = 0.0  # how much closer the text is to another sketch point than to its own
 
     def as_dict(self) -> dict[str, object]:
         return asdict(self)
@@ -64,9 +65,11 @@ def score_candidates(question: str, point: str, candidates: list[ExpansionResult
     sims = cand @ cand.T  # [k, k]
     own = cand @ emb[0]  # [k]
     relevance = (own + cand @ emb[1]) / 2  # [k]
+    drift = np.zeros_like(own)  # [k]
     if n_other:
         closest_other = (cand @ emb[2:2 + n_other].T).max(axis=1)  # [k]
-        relevance = relevance - np.maximum(0.0, closest_other - own)
+        drift = np.maximum(0.0, closest_other - own)
+        relevance = relevance - drift
     k = len(candidates)
     scores = []
     for i, (c, text) in enumerate(zip(candidates, bodies, strict=True)):
@@ -80,7 +83,7 @@ def score_candidates(question: str, point: str, candidates: list[ExpansionResult
         score = sum(wt * s for wt, s in signals) / total if total and text else 0.0
         score *= min(1.0, len(text.split()) / MIN_WORDS)  # a bare phrase explains nothing
         scores.append(CandidateScore(c.candidate, c.worker, c.model, c.adapter, confidence,
-                                     agreement, float(relevance[i]), score))
+                                     agreement, float(relevance[i]), score, float(drift[i])))
     return scores
 
 

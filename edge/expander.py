@@ -12,16 +12,18 @@ from pice.shared.protocol import ExpansionResult, ExpansionTask
 from pice.shared.sampling import SamplingParams
 
 _SYSTEM = ("You are helping write an answer whose outline is already fixed. You write the text "
-           "of exactly one point of the outline: one or two informative sentences of plain prose "
-           "about that point and only that point. No lists, no numbering, no headings.")
+           "of exactly one point of the outline: two informative sentences of plain prose that "
+           "explain that point (what it means, and how or why it matters for the question), and "
+           "only that point. Do not repeat the point's title, do not list or number anything.")
 
 
 def _ask(task: ExpansionTask) -> str:
-    outline = "\n".join(f"{i + 1}. {p}" for i, p in enumerate(task.sketch))
+    # the outline as a comma-separated line, not a numbered list: a numbered list invites small
+    # models to continue it ("… tasks 2. Use productivity tools 3. …")
+    outline = "; ".join(task.sketch)
     point = task.sketch[task.index]
-    return (f"Question: {task.question}\n\nOutline:\n{outline}\n\n"
-            f"Write point {task.index + 1} (\"{point}\") in one or two sentences. "
-            "Do not write any other point.")
+    return (f"Question: {task.question}\n\nOutline: {outline}\n\n"
+            f"Explain the point \"{point}\" in two sentences. Do not write any other point.")
 
 
 # One worked example for base models (no chat template): the transcript shows the reply's shape.
@@ -29,7 +31,10 @@ _EXAMPLE = ExpansionTask(request_id="example", question="How can I make my morni
                          sketch=["Prepare everything the night before", "Wake up at a fixed time",
                                  "Keep breakfast simple"], index=1, max_tokens=1)
 _EXAMPLE_REPLY = ("Wake up at a fixed time: Getting up at the same time every day, weekends "
-                  "included, sets your body clock so that waking up feels easier.")
+                  "included, sets your body clock so that waking up feels easier. Your mornings "
+                  "then start on schedule instead of with a scramble.")
+# Generation ends at a new line or an item marker: past them a small model writes other points.
+STOPS = ("\n", *(f" {n}. " for n in range(1, 11)), *(f" {n}) " for n in range(1, 11)))
 
 
 def expansion_messages(task: ExpansionTask, few_shot: bool = False) -> list[dict[str, str]]:
@@ -55,7 +60,7 @@ def assistant_prefix(task: ExpansionTask) -> str:
 
 
 # Where a small model starts another item: a new numbered/bulleted line, or "… end. 2. Next"
-_NEXT_POINT = re.compile(r"\n\s*(?:\d{1,2}[.)]|[-*•])\s|(?<=[.!?:])\s+\d{1,2}[.)]\s+(?=[A-Z])")
+_NEXT_POINT = re.compile(r"\n\s*(?:\d{1,2}[.)]|[-*•])\s|\s\d{1,2}[.)]\s+(?=[A-Z])")
 _LEADING_NUMBER = re.compile(r"^\s*(?:\d{1,2}[.)]|[-*•])\s+")
 
 
@@ -90,7 +95,7 @@ class EdgeWorker:
                    for t in tasks]
         first = tasks[0]
         params = SamplingParams(max_tokens=max(t.max_tokens for t in tasks),
-                                temperature=first.temperature, seed=first.seed, stop=("\n",))
+                                temperature=first.temperature, seed=first.seed, stop=STOPS)
         self.inflight += len(tasks)
         start = time.perf_counter()
         try:

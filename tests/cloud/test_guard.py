@@ -10,7 +10,7 @@ import pytest
 from pice.cloud.edge_pool import EdgePool
 from pice.cloud.ensemble import EnsembleConfig
 from pice.cloud.events import DoneEvent, Event, SectionEvent
-from pice.cloud.guard import GuardConfig, cut_off, finish, verdict
+from pice.cloud.guard import REASONS, GuardConfig, cut_off, finish, verdict
 from pice.cloud.metrics import Metrics
 from pice.cloud.pipeline import AnswerRequest, Pipeline
 from pice.edge.expander import EdgeWorker
@@ -87,12 +87,12 @@ def test_points_under_the_threshold_are_rewritten_by_the_cloud(models) -> None: 
     assert all(s.worker == CLOUD_WORKER_ID and s.repaired for s in sections)
     assert all(s.candidates and s.candidates[0]["worker"] == "e0" for s in sections)
     assert sorted(r["index"] for r in done.repaired) == [0, 1, 2]
-    counted = sum(metrics.guard_repairs.labels(why)._value.get()
-                  for why in ("empty", "cut off", "low score"))
+    counted = sum(metrics.guard_repairs.labels(why)._value.get() for why in REASONS)
     assert counted == 3
     for s in sections:  # never empty; cut off (used its whole budget) only at a sentence end
         text = s.text.split(": ", 1)[1] if ": " in s.text else ""
-        assert text.strip()
+        # the random cloud's text when it is not garbage, else the point's title alone
+        assert text.strip() or (s.text.endswith(".") and len(s.text) > 1)
         assert s.tokens < 2 * (60 // 3) or text.rstrip()[-1] in ".!?…\"')]"
     assert done.tokens["edge"] > 0  # the edge's work is counted though it lost
 
@@ -115,7 +115,9 @@ def test_without_a_cloud_worker_low_scores_stand_and_cut_offs_are_finished(model
     assert len(sections) == 3 and all(s.worker == "e0" for s in sections)
     done = events[-1]
     assert isinstance(done, DoneEvent)
-    assert all(r["reason"] in ("empty", "cut off") and r["by"] == "e0" for r in done.repaired)
+    # junk from a random model: cut-offs finished, garbage trimmed or reduced to its title
+    assert all(r["reason"] in REASONS and r["reason"] != "low score"
+               and r["by"] in ("e0", "trim", "title") for r in done.repaired)
     for s in sections:
         assert s.text.rstrip()[-1] in ".!?…\"')]" or s.index not in [
             r["index"] for r in done.repaired]

@@ -39,9 +39,10 @@ def test_all_points_run_as_one_batch(tiny_model_dir) -> None:  # type: ignore[no
 
 def test_prompts_share_a_prefix_and_name_their_point() -> None:
     a, b = (expansion_messages(t)[1]["content"] for t in tasks(2))
-    assert a.split("Write point")[0] == b.split("Write point")[0]
-    assert 'Write point 1 ("Fixed schedule")' in a
-    assert 'Write point 2 ("Dark room")' in b
+    assert a.split("Explain the point")[0] == b.split("Explain the point")[0]
+    assert 'Explain the point "Fixed schedule"' in a
+    assert 'Explain the point "Dark room"' in b
+    assert "1." not in a and "2." not in b  # no numbered outline for the model to continue
 
 
 @pytest.mark.parametrize(("raw", "clean"), [
@@ -51,6 +52,8 @@ def test_prompts_share_a_prefix_and_name_their_point() -> None:
     ("a 2.5 hour nap", "a 2.5 hour nap"),
     ("1. Start with a bath. 2. Set a time for bed. 3.", "Start with a bath."),
     ("Rest 7-9 hours. It helps: 1. Mood", "Rest 7-9 hours. It helps:"),
+    # the sketch echoed without punctuation before the numbers (issue 15)
+    ("Prioritize tasks 2. Use productivity tools 3. Take breaks", "Prioritize tasks"),
 ])
 def test_clean_expansion(raw: str, clean: str) -> None:
     assert clean_expansion(raw) == clean
