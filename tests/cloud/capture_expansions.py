@@ -80,7 +80,8 @@ def legacy_messages(t: ExpansionTask, few_shot: bool) -> list[dict[str, str]]:
 
 
 Messages = Callable[[ExpansionTask, bool], list[dict[str, str]]]
-PROMPTS: dict[str, tuple[Messages, tuple[str, ...]]] = {"legacy": (legacy_messages, ("\n",)), "current": (expansion_messages, STOPS)}
+PROMPTS: dict[str, tuple[Messages, tuple[str, ...]]] = {
+    "legacy": (legacy_messages, ("\n",)), "current": (expansion_messages, STOPS)}
 SOURCES = [("qwen2.5-coder-0.5b-instruct", None),
            ("qwen2.5-coder-0.5b-instruct", EXPANDER_ADAPTER),
            ("gemma-3-270m", None)]
