@@ -10,7 +10,13 @@ different ranks share one buffer (the zero rows add nothing). A fused projection
 gate/up) keeps its n sub-projections' A matrices interleaved on the rank axis:
   a: [S, R, n, in]   so a[s, :r] is contiguous and one matmul shrinks all n at rank r,
   bs[j]: [S, out_j, R] for sub-projection j, whose output is column block j of y.
-Scaling is folded into B when an adapter is written to its slot."""
+Scaling is folded into B when an adapter is written to its slot.
+
+Compressed adapters (Compress then Serve, pice.shared.lora.compress): a cluster's shared basis
+sits in one slot like an adapter (A = Vᵀ, B = U) and each token of a compressed adapter carries
+its core: between the shrink (x V, once per cluster) and the expand (· Uᵀ, once per cluster) the
+token's rank vector is multiplied by its Σ (batched r x r) or scaled by its σ (JD-Diag). Tokens
+of uncompressed adapters and base-only tokens ride in the same batch untouched by the cores."""
 
 from __future__ import annotations
 
@@ -30,16 +36,53 @@ class Segment:
     rank: int
 
 
-def sgmv_(y: torch.Tensor, x: torch.Tensor, a: torch.Tensor, bs: Sequence[torch.Tensor],
-          segments: Sequence[Segment]) -> None:
-    """Segmented gather matmul (prefill): per segment, the adapter's true rank only.
+@dataclass(frozen=True)
+class Cores:
+    """The step's per-token cores for one (layer, group): the positions that carry one (batch
+    rows in prefill, cells of the [span * per_slot] grid in decode) and their cores, gathered
+    once per step: full [k, n, r, r] (Σ per sub-projection) and diag [k', n, r] (σ)."""
 
-    y: [T, sum(out_j)] updated in place; x: [T, in]; a: [S, R, n, in]; bs[j]: [S, out_j, R]."""
+    full_pos: torch.Tensor  # [k] int64
+    full: torch.Tensor  # [k, n, r, r]
+    diag_pos: torch.Tensor  # [k'] int64
+    diag: torch.Tensor  # [k', n, r]
+
+
+def apply_cores_(t: torch.Tensor, cores: Cores) -> None:
+    """t: [P, R, n] shrunk rank vectors (P positions), updated in place: t_p <- Σ_p t_p for
+    every position with a core (per sub-projection j), σ_p * t_p for JD-Diag ones."""
+    if cores.full_pos.numel():
+        r = min(cores.full.shape[-1], t.shape[1])
+        sel = t[cores.full_pos, :r]  # [k, r, n]
+        t[cores.full_pos, :r] = torch.einsum("knrs,ksn->krn", cores.full[..., :r, :r], sel)
+    if cores.diag_pos.numel():
+        r = min(cores.diag.shape[-1], t.shape[1])
+        t[cores.diag_pos, :r] = t[cores.diag_pos, :r] * cores.diag[..., :r].transpose(1, 2)
+
+
+def sgmv_(y: torch.Tensor, x: torch.Tensor, a: torch.Tensor, bs: Sequence[torch.Tensor],
+          segments: Sequence[Segment], cores: Cores | None = None) -> None:
+    """Segmented gather matmul (prefill): per segment, the adapter's true rank only (a
+    cluster's tokens form one segment: one shrink and one expand for all of them).
+
+    y: [T, sum(out_j)] updated in place; x: [T, in]; a: [S, R, n, in]; bs[j]: [S, out_j, R];
+    cores: positions are batch rows."""
     n = a.shape[2]
+    ts = []
     for seg in segments:
         rows = slice(seg.start, seg.end)
         a_s = a[seg.slot, :seg.rank].reshape(seg.rank * n, -1)  # [r * n, in]
-        t = (x[rows] @ a_s.T).view(-1, seg.rank, n)  # [t, r, n]
+        ts.append((x[rows] @ a_s.T).view(-1, seg.rank, n))  # [t, r, n]
+    if cores is not None and segments:
+        # every segment's rank vectors in one [T, R_seg, n] buffer so the cores apply at once
+        width = max(seg.rank for seg in segments)
+        t_all = x.new_zeros(x.shape[0], width, n)
+        for seg, t in zip(segments, ts, strict=True):
+            t_all[seg.start:seg.end, :seg.rank] = t
+        apply_cores_(t_all, cores)
+        ts = [t_all[seg.start:seg.end, :seg.rank] for seg in segments]
+    for seg, t in zip(segments, ts, strict=True):
+        rows = slice(seg.start, seg.end)
         col = 0
         for j, b in enumerate(bs):
             out = b.shape[1]
@@ -81,18 +124,21 @@ class DecodeLayout:
 
 
 def bgmv_(y: torch.Tensor, x: torch.Tensor, a: torch.Tensor, bs: Sequence[torch.Tensor],
-          layout: DecodeLayout) -> None:
+          layout: DecodeLayout, cores: Cores | None = None) -> None:
     """Batched gather matmul (decode): every token at its slot, in one batched matmul per
     matrix over the slot range, reading each resident adapter once (no per-token copies of
     the weights) at the padded rank R.
 
-    y: [T, sum(out_j)] updated in place; x: [T, in]; a: [S, R, n, in]; bs[j]: [S, out_j, R]."""
+    y: [T, sum(out_j)] updated in place; x: [T, in]; a: [S, R, n, in]; bs[j]: [S, out_j, R];
+    cores: positions are cells (slot - lo) * per_slot + position of the [span, per_slot] grid."""
     lo, span, m = layout.lo, layout.span, layout.per_slot
     r_max, n, fan_in = a.shape[1], a.shape[2], a.shape[3]
     xs = x.new_zeros(span, m, fan_in)  # [span, m, in] the tokens, grouped by slot
     xs[layout.rel, layout.pos] = x[layout.rows]
     a_v = a[lo:lo + span].view(span, r_max * n, fan_in)  # [span, R * n, in], a view
     t = torch.bmm(xs, a_v.transpose(1, 2)).view(span, m, r_max, n)  # [span, m, R, n]
+    if cores is not None:
+        apply_cores_(t.view(span * m, r_max, n), cores)
     col = 0
     for j, b in enumerate(bs):
         out = b.shape[1]
@@ -116,3 +162,15 @@ def lora_reference(x: torch.Tensor, a: torch.Tensor, bs: Sequence[torch.Tensor],
             delta[i, col:col + outs[j]] = b[s, :, :r] @ (a[s, :r, j] @ x[i])
             col += outs[j]
     return delta
+
+
+def compressed_reference(x: torch.Tensor, u: Sequence[torch.Tensor], v: Sequence[torch.Tensor],
+                         sigma: Sequence[torch.Tensor]) -> torch.Tensor:
+    """The per-token definition of a compressed adapter (tests): token i adds, for each
+    sub-projection j, U_j Σ_ij V_jᵀ x_i. u[j]: [out_j, r]; v[j]: [in, r]; sigma[j]: [T, r, r]
+    (or [T, r] diagonal). Returns the delta [T, sum(out_j)]."""
+    parts = []
+    for uj, vj, sj in zip(u, v, sigma, strict=True):
+        core = sj if sj.dim() == 3 else torch.diag_embed(sj)  # [T, r, r]
+        parts.append(torch.einsum("or,trs,is,ti->to", uj, core, vj, x))
+    return torch.cat(parts, 1)

@@ -11,7 +11,7 @@ from typing import cast
 import torch
 from torch import nn
 
-from pice.kernels.lora import DecodeLayout, Segment, bgmv_, sgmv_
+from pice.kernels.lora import Cores, DecodeLayout, Segment, bgmv_, sgmv_
 from pice.shared.engine.models.base import CausalLM
 from pice.shared.engine.models.layers import Attention, GatedMLP
 from pice.shared.engine.sequence import Sequence
@@ -27,6 +27,7 @@ class LoraBatch:
     decode: DecodeLayout | None = None  # from the per-token slot index (decode)
     segments: list[Segment] = field(default_factory=list)  # (prefill)
     groups: frozenset[str] = frozenset()  # projection groups any adapter of the step targets
+    cores: list[dict[str, Cores]] | None = None  # [layer][group]: compressed adapters' cores
 
 
 class LoraState:
@@ -35,6 +36,45 @@ class LoraState:
     def __init__(self) -> None:
         self.buffers: SlotBuffers | None = None
         self.batch: LoraBatch | None = None
+
+    def layout(self, seqs: Seq[Sequence], query_lens: Seq[int], is_prefill: bool,
+               device: torch.device) -> LoraBatch | None:
+        """The step's layout (`lora_batch`), with each segment at the rank its slot holds and
+        the per-token cores of compressed adapters (whose slot is their cluster's basis)."""
+        batch = lora_batch(seqs, query_lens, is_prefill, device)
+        buffers = self.buffers
+        if batch is None or buffers is None:
+            return batch
+        if is_prefill:
+            batch.segments = [Segment(g.start, g.end, g.slot, buffers.slot_rank[g.slot] or g.rank)
+                              for g in batch.segments]
+        table = buffers.sigma
+        if not table.rows:
+            return batch
+        full: list[tuple[int, int]] = []
+        diag: list[tuple[int, int]] = []
+        grid = batch.decode
+        # seen[slot]: decode tokens of that slot so far (the order DecodeLayout numbers them)
+        start, seen = 0, dict[int, int]()
+        for seq, q in zip(seqs, query_lens, strict=True):
+            start += q
+            slot = seq.lora_slot
+            if slot is None:
+                continue
+            pos = seen.get(slot, 0)
+            seen[slot] = pos + 1
+            got = table.rows.get(seq.adapter) if seq.adapter is not None else None
+            if got is None:
+                continue
+            kind, row = got
+            if grid is not None:  # decode: the cell of the sequence's token in the grid
+                positions = [(slot - grid.lo) * grid.per_slot + pos]
+            else:
+                positions = list(range(start - q, start))
+            (full if kind == "full" else diag).extend((p, row) for p in positions)
+        if full or diag:
+            batch.cores = table.gather(full, diag)
+        return batch
 
 
 class LayerLora:
@@ -50,10 +90,11 @@ class LayerLora:
         if batch is None or buffers is None or group not in batch.groups:
             return
         a, bs = buffers.group(self.layer, group)
+        cores = batch.cores[self.layer][group] if batch.cores is not None else None
         if batch.decode is not None:
-            bgmv_(y, x, a, bs, batch.decode)
+            bgmv_(y, x, a, bs, batch.decode, cores)
         else:
-            sgmv_(y, x, a, bs, batch.segments)
+            sgmv_(y, x, a, bs, batch.segments, cores)
 
 
 def model_shape(model: CausalLM) -> ModelShape:

@@ -10,7 +10,7 @@ import torch
 from pice.kernels.cpu_linear import use_cpu_kernels
 from pice.kernels.paged_attention import build_metadata
 from pice.shared.engine.config import EngineConfig
-from pice.shared.engine.lora import attach_lora, lora_batch
+from pice.shared.engine.lora import attach_lora
 from pice.shared.engine.models import CausalLM, build_model
 from pice.shared.engine.sampler import sample
 from pice.shared.engine.scheduler import SchedulerOutput
@@ -87,7 +87,7 @@ class ModelRunner:
         meta = build_metadata([s.block_table for s in seqs], context_lens, query_lens,
                               self.cfg.block_size, self.device)
         input_ids = torch.tensor(ids, dtype=torch.long, device=self.device)  # [num_tokens]
-        self.lora.batch = lora_batch(seqs, query_lens, is_prefill, self.device)
+        self.lora.batch = self.lora.layout(seqs, query_lens, is_prefill, self.device)
         try:
             hidden = self.model(input_ids, self.kv_caches, meta)  # [num_tokens, hidden]
         finally:

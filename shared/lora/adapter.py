@@ -51,6 +51,7 @@ class AdapterInfo(BaseModel):
     size_bytes: int  # of the safetensors file
     tier: Literal["disk", "host", "device"]  # fastest tier holding it
     base_model: str | None = None  # base_model_name_or_path from its config
+    compressed: str | None = None  # the cluster whose shared basis serves it (compressed)
 
 
 @dataclass(frozen=True)

@@ -54,6 +54,9 @@ class _Entry:
     users: int = 0
     loading: bool = False
     error: BaseException | None = None  # the last background load failed with this
+    basis: str | None = None  # compressed: the entry of its cluster's basis (serves its slot)
+    store: Path | None = None  # compressed: the store holding its Σ (removed with it)
+    hidden: bool = False  # a cluster basis, not an adapter anyone names
 
 
 class AdapterPool:
@@ -104,10 +107,13 @@ class AdapterPool:
         """Drop an adapter from every tier. Refused (409) while requests still use it."""
         with self._lock:
             entry = self._get(name)
+            if entry.hidden:
+                raise NotFoundError(f"adapter {name!r} does not exist", field="adapter")
             if entry.users:
                 raise ConflictError(f"adapter {name!r} is in use by {entry.users} request(s); "
                                     "remove it when they finish", field="name")
             del self._entries[name]
+            self._forget_sigma(name, entry)
             self._drop_host(name, entry)
             if entry.slot is not None:
                 slot = entry.slot
@@ -119,7 +125,8 @@ class AdapterPool:
 
     def infos(self) -> list[AdapterInfo]:
         with self._lock:
-            return [self._info(name) for name in sorted(self._entries)]
+            return [self._info(name) for name in sorted(self._entries)
+                    if not self._entries[name].hidden]
 
     def info(self, name: str) -> AdapterInfo:
         with self._lock:
@@ -128,7 +135,9 @@ class AdapterPool:
 
     def resident(self) -> set[str]:
         with self._lock:
-            return {name for name in self._owner if name is not None}
+            slots = {name for name in self._owner if name is not None}
+            return {n for n, e in self._entries.items()
+                    if not e.hidden and (e.basis or n) in slots}
 
     def on_host(self) -> set[str]:
         with self._lock:
@@ -136,11 +145,13 @@ class AdapterPool:
 
     def _info(self, name: str) -> AdapterInfo:
         e = self._entries[name]
-        tier = "device" if e.slot is not None else "host" if e.host is not None else "disk"
+        t = self._entries[e.basis] if e.basis is not None else e
+        tier = "device" if t.slot is not None else "host" if t.host is not None else "disk"
         s = e.spec
         return AdapterInfo(name=name, rank=s.rank, alpha=s.alpha, use_rslora=s.use_rslora,
                            target_modules=list(s.target_modules), size_bytes=s.size_bytes,
-                           tier=tier, base_model=s.base_model)
+                           tier=tier, base_model=s.base_model,
+                           compressed=None if e.basis is None else e.basis.split("/", 1)[1])
 
     def _get(self, name: str) -> _Entry:
         entry = self._entries.get(name)
@@ -165,6 +176,8 @@ class AdapterPool:
     def is_resident(self, name: str) -> bool:
         with self._lock:
             entry = self._entries.get(name)
+            if entry is not None and entry.basis is not None:
+                entry = self._entries.get(entry.basis)
             return entry is not None and entry.slot is not None
 
     def acquire(self, name: str) -> int | None:
@@ -173,6 +186,8 @@ class AdapterPool:
         reading its file failed."""
         with self._lock:
             entry = self._get(name)
+            if entry.basis is not None:  # compressed: its cluster's basis is its slot
+                return self.acquire(entry.basis)
             if entry.slot is not None:
                 if entry.pins == 0:
                     self._unpinned.pop(entry.slot)
@@ -204,6 +219,8 @@ class AdapterPool:
         """A sequence holding the adapter's slot finished or was preempted."""
         with self._lock:
             entry = self._entries.get(name)
+            if entry is not None and entry.basis is not None:
+                entry = self._entries.get(entry.basis)
             if entry is None or entry.slot is None or entry.pins == 0:
                 return
             entry.pins -= 1
@@ -219,6 +236,8 @@ class AdapterPool:
         with self._lock:
             for name in names:
                 entry = self._entries.get(name)
+                if entry is not None and entry.basis is not None:
+                    name, entry = entry.basis, self._entries.get(entry.basis)
                 if entry is not None and entry.slot is None and entry.host is None \
                         and entry.error is None:
                     self._request_load(name, entry)
@@ -228,6 +247,45 @@ class AdapterPool:
         with self._loaded:
             if any(e.loading for e in self._entries.values()):
                 self._loaded.wait(timeout)
+
+    # ---- compressed adapters (pice.shared.lora.compress) ---------------------------------------
+    def add_compressed(self, root: Path) -> list[str]:
+        """Serve the registered adapters a compressed store holds through their cluster's
+        basis (one slot per cluster) and their Σ_i; returns their names. Adapters it holds
+        that are not registered here are skipped."""
+        from pice.shared.lora.compress.serve import read_store
+
+        clusters, sigmas = read_store(Path(root), self.shape, set(self._entries),
+                                      self.max_rank, self.max_file_bytes)
+        done = []
+        with self._lock:
+            for cid, spec in clusters.items():
+                bname = f"~basis/{cid}"
+                if bname not in self._entries:
+                    self._entries[bname] = _Entry(spec, self._next_uid, hidden=True)
+                    self._next_uid += 1
+            assert self.buffers is not None or not sigmas
+            for name, (cid, kind, rank, cores) in sigmas.items():
+                entry = self._entries.get(name)
+                if entry is None or entry.hidden or entry.users:
+                    continue  # removed meanwhile, or in use: it stays as it was
+                assert self.buffers is not None
+                self.buffers.sigma.add(name, kind, rank, cores)
+                entry.basis, entry.store = f"~basis/{cid}", Path(root)
+                done.append(name)
+        return done
+
+    def _forget_sigma(self, name: str, entry: _Entry) -> None:
+        """A compressed adapter's Σ_i goes at once, from the device table and from its store."""
+        if entry.basis is None:
+            return
+        from pice.shared.lora.compress.store import drop_sigma
+
+        if self.buffers is not None:
+            self.buffers.sigma.remove(name)
+        if entry.store is not None:
+            drop_sigma(entry.store, name)
+        entry.basis = entry.store = None
 
     # ---- host tier ----------------------------------------------------------------------------
     def _request_load(self, name: str, entry: _Entry) -> None:

@@ -2,12 +2,16 @@
 rank, in buffers allocated once (a swap is a copy into a slot, never an allocation).
 
 Layout per layer and fused group (see pice.kernels.lora): a: [S, R, n, in] and bs[j]:
-[S, out_j, R] for the group's sub-projections j (q/k/v share one input, so do gate/up)."""
+[S, out_j, R] for the group's sub-projections j (q/k/v share one input, so do gate/up).
+
+A compressed adapter's slot is its cluster's basis; its cores live in the `SigmaTable` (every
+compressed adapter's Σ_i, always on the device: a few hundred bytes per module)."""
 
 from __future__ import annotations
 
 import torch
 
+from pice.kernels.lora import Cores
 from pice.shared.lora.adapter import LoadedAdapter, ModelShape
 
 # Fused groups of the engine's projections, in their output column order.
@@ -31,6 +35,8 @@ class SlotBuffers:
     def __init__(self, shape: ModelShape, num_slots: int, max_rank: int, dtype: torch.dtype,
                  device: torch.device) -> None:
         self.num_slots, self.max_rank = num_slots, max_rank
+        self.slot_rank = [0] * num_slots  # the rank of what each slot holds (prefill reads it)
+        self.sigma = SigmaTable(shape, dtype, device)
         self.a: list[dict[str, torch.Tensor]] = []  # [layer][group]: [S, R, n, in]
         self.b: list[dict[str, list[torch.Tensor]]] = []  # [layer][group][j]: [S, out_j, R]
         for _ in range(shape.num_layers):
@@ -54,6 +60,7 @@ class SlotBuffers:
 
     @torch.no_grad()
     def clear(self, slot: int) -> None:
+        self.slot_rank[slot] = 0
         for a_layer, b_layer in zip(self.a, self.b, strict=True):
             for group, a in a_layer.items():
                 a[slot].zero_()
@@ -64,8 +71,96 @@ class SlotBuffers:
     def write(self, slot: int, adapter: LoadedAdapter) -> None:
         """Copy an adapter into a slot; projections it does not target stay zero."""
         self.clear(slot)
+        self.slot_rank[slot] = max((a.shape[0] for a, _ in adapter.weights.values()), default=0)
         for (layer, proj), (a, b) in adapter.weights.items():
             group, j = GROUP_OF[proj]
             r = a.shape[0]
             self.a[layer][group][slot, :r, j].copy_(a)  # [r, in]
             self.b[layer][group][j][slot, :, :r].copy_(b)  # [out, r]
+
+
+class SigmaTable:
+    """The cores of every registered compressed adapter, one row each, per layer and group:
+    full[layer][group]: [N, n, r, r] (JD-Full Σ per sub-projection), diag[layer][group]:
+    [N', n, r] (JD-Diag σ); r is the largest compressed rank so far. Rows of projections an
+    adapter does not target stay zero. Grows by doubling (a copy, rare: when adapters are
+    compressed); a removed adapter's row is zeroed at once and reused."""
+
+    def __init__(self, shape: ModelShape, dtype: torch.dtype, device: torch.device) -> None:
+        self.shape, self.dtype, self.device = shape, dtype, device
+        self.rank = 0
+        self.rows: dict[str, tuple[str, int]] = {}  # name -> (kind "full" | "diag", row)
+        self.cap = {"full": 0, "diag": 0}
+        self.free: dict[str, list[int]] = {"full": [], "diag": []}
+        self.tables: dict[str, list[dict[str, torch.Tensor]]] = {"full": [], "diag": []}
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.nbytes for kind in self.tables.values() for layer in kind
+                   for t in layer.values())
+
+    def _alloc(self, kind: str, cap: int, rank: int) -> None:
+        old, old_cap, old_rank = self.tables[kind], self.cap[kind], self.rank
+        new: list[dict[str, torch.Tensor]] = []
+        for layer in range(self.shape.num_layers):
+            per: dict[str, torch.Tensor] = {}
+            for group, projs in GROUPS.items():
+                dims = (rank, rank) if kind == "full" else (rank,)
+                t = torch.zeros(cap, len(projs), *dims, dtype=self.dtype, device=self.device)
+                if old:
+                    cut = (slice(0, old_cap), slice(None)) + (slice(0, old_rank),) * len(dims)
+                    t[cut] = old[layer][group]
+                per[group] = t
+            new.append(per)
+        self.tables[kind], self.cap[kind] = new, cap
+
+    @torch.no_grad()
+    def add(self, name: str, kind: str, rank: int,
+            cores: dict[tuple[int, str], torch.Tensor]) -> None:
+        """cores[(layer, proj)]: [r, r] (full) or [r] (diag), r <= rank."""
+        self.remove(name)
+        if rank > self.rank:
+            for k in ("full", "diag"):
+                if self.cap[k]:
+                    self._alloc(k, self.cap[k], rank)
+            self.rank = rank
+        if not self.free[kind]:
+            cap = self.cap[kind]
+            self._alloc(kind, max(16, 2 * cap), self.rank)
+            self.free[kind] = list(range(cap, self.cap[kind]))[::-1]
+        row = self.free[kind].pop()
+        for (layer, proj), core in cores.items():
+            group, j = GROUP_OF[proj]
+            r = core.shape[0]
+            cut = (row, j) + (slice(0, r),) * core.dim()
+            self.tables[kind][layer][group][cut] = core.to(self.dtype)
+        self.rows[name] = (kind, row)
+
+    @torch.no_grad()
+    def remove(self, name: str) -> None:
+        got = self.rows.pop(name, None)
+        if got is not None:
+            kind, row = got
+            for layer in self.tables[kind]:
+                for t in layer.values():
+                    t[row].zero_()
+            self.free[kind].append(row)
+
+    def gather(self, full: list[tuple[int, int]], diag: list[tuple[int, int]]
+               ) -> list[dict[str, Cores]]:
+        """Per layer and group, the step's cores: `full`/`diag` are (position, row) pairs."""
+        dev = self.device
+        fp = torch.tensor([p for p, _ in full], dtype=torch.long, device=dev)
+        fr = torch.tensor([r for _, r in full], dtype=torch.long, device=dev)
+        dp = torch.tensor([p for p, _ in diag], dtype=torch.long, device=dev)
+        dr = torch.tensor([r for _, r in diag], dtype=torch.long, device=dev)
+        empty = torch.zeros(0, dtype=self.dtype, device=dev)
+        out = []
+        for layer in range(self.shape.num_layers):
+            per = {}
+            for group in GROUPS:
+                f = self.tables["full"][layer][group][fr] if full else empty
+                d = self.tables["diag"][layer][group][dr] if diag else empty
+                per[group] = Cores(fp, f, dp, d)
+            out.append(per)
+        return out

@@ -60,3 +60,56 @@ def test_reference_is_not_trivial() -> None:
     a, bs = slot_buffers()
     x = torch.randn(2, IN)
     assert lora_reference(x, a, bs, torch.tensor([0, 1]), RANKS).abs().min() > 0
+
+
+def test_compressed_tokens_mixed_with_plain_and_base() -> None:
+    """Slot 1 holds a cluster basis (A = Vᵀ, B = U at rank 5 = RANKS[1] widened): its tokens
+    carry their own Σ (full) or σ (diag); the other slots' tokens and base rows are unchanged."""
+    from pice.kernels.lora import Cores, compressed_reference
+
+    a, bs = slot_buffers(2)
+    r = 5
+    ranks = [RANKS[0], r, RANKS[2], RANKS[3]]
+    gen = torch.Generator().manual_seed(3)
+    a[1] = 0
+    a[1, :r] = torch.randn(r, len(OUTS), IN, generator=gen)
+    for b in bs:
+        b[1] = 0
+        b[1, :, :r] = torch.randn(b.shape[1], r, generator=gen)
+    index = [1, 0, 1, -1, 1, 2, 1]  # tokens 0, 2 full cores; 4, 6 diag cores
+    full_tok, diag_tok = [0, 2], [4, 6]
+    sig_full = torch.randn(2, len(OUTS), r, r, generator=gen)  # [k, n, r, r]
+    sig_diag = torch.randn(2, len(OUTS), r, generator=gen)  # [k, n, r]
+    x = torch.randn(len(index), IN)
+    y0 = torch.randn(len(index), sum(OUTS))
+    # expected: plain tokens by the reference, compressed ones by U Σ Vᵀ x
+    idx = torch.tensor([s if s != 1 else -1 for s in index])
+    want = y0 + lora_reference(x, a, bs, idx, ranks)
+    u = [b[1, :, :r] for b in bs]
+    v = [a[1, :r, j].T for j in range(len(OUTS))]
+    for toks, sig in ((full_tok, sig_full), (diag_tok, sig_diag)):
+        per_j = [sig[:, j] for j in range(len(OUTS))]
+        want[toks] += compressed_reference(x[toks], u, v, per_j)
+
+    # decode: grid cells of slot 1 (lo = 0): positions 0..3 among its tokens
+    layout = DecodeLayout.build(index, x.device)
+    assert layout is not None
+    m = layout.per_slot
+    cells = lambda toks: torch.tensor([(1 - layout.lo) * m + [0, 2, 4, 6].index(t)  # noqa: E731
+                                       for t in toks])
+    y = y0.clone()
+    bgmv_(y, x, a, bs, layout, Cores(cells(full_tok), sig_full, cells(diag_tok), sig_diag))
+    torch.testing.assert_close(y, want)
+
+    # prefill: batch ordered by slot, one segment per slot; core positions are batch rows
+    order = sorted(range(len(index)), key=index.__getitem__)
+    xs, ys = x[order], y0[order]
+    sidx = [index[i] for i in order]
+    segs, start = [], 0
+    for s in sorted(set(sidx) - {-1}):
+        n_s = sidx.count(s)
+        start = sidx.index(s)
+        segs.append(Segment(start, start + n_s, s, ranks[s]))
+    rows = lambda toks: torch.tensor([order.index(t) for t in toks])  # noqa: E731
+    sgmv_(ys, xs, a, bs, segs, Cores(rows(full_tok), sig_full, rows(diag_tok), sig_diag))
+    torch.testing.assert_close(ys, want[order])
