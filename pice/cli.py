@@ -334,6 +334,9 @@ def build_parser() -> argparse.ArgumentParser:
     from pice.bench.lora import add_lora_parser
 
     add_lora_parser(bsub)
+    from pice.shared.lora.compress.cli import add_adapters_parser
+
+    add_adapters_parser(sub)
     return parser
 
 
