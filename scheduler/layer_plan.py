@@ -166,9 +166,31 @@ class _Order:
         return max(self.stage_time(i, c) for i, c in enumerate(counts) if c), counts
 
 
+_Best = tuple[float, int, list[int], list[Member], list[int]]
+
+
+def _search(heads: list[Member], fastest: list[Member], rank: dict[int, int],
+            shape: ModelShape, cfg: PlanConfig) -> _Best | None:
+    """The best (bottleneck, stages used, order key, order, layers per stage) over every choice
+    of first member in `heads` and last member in `fastest`."""
+    best: _Best | None = None
+    for a in heads:
+        for b in fastest:
+            order = [a] if a is b else [a, *[m for m in fastest if m not in (a, b)], b]
+            found = _Order(order, shape, cfg).best()
+            if found is None:
+                continue
+            t, counts = found
+            key = (t, sum(1 for c in counts if c), [rank[id(m)] for m in order])
+            if best is None or key < (best[0], best[1], best[2]):
+                best = (*key, order, counts)
+    return best
+
+
 def plan_layers(shape: ModelShape, members: Sequence[Member],
-                cfg: PlanConfig | None = None) -> LayerPlan:
-    """Contiguous layer ranges over `members` (see the module doc)."""
+                cfg: PlanConfig | None = None, first: str | None = None) -> LayerPlan:
+    """Contiguous layer ranges over `members` (see the module doc). `first`: the member that
+    must be the first stage when it can be (a re-plan keeps the stage that holds the requests)."""
     cfg = cfg or PlanConfig()
     per_layer = shape.layer_bytes + shape.kv_bytes_per_token * cfg.kv_tokens
     unused: list[tuple[str, str]] = []
@@ -187,17 +209,10 @@ def plan_layers(shape: ModelShape, members: Sequence[Member],
     # fastest first; equal speeds keep the order the members were given (registration order)
     fastest = sorted(eligible, key=lambda m: -m.flops_per_s)
     rank = {id(m): i for i, m in enumerate(fastest)}
-    best: tuple[float, int, list[int], list[Member], list[int]] | None = None
-    for a in fastest:
-        for b in fastest:
-            order = [a] if a is b else [a, *[m for m in fastest if m not in (a, b)], b]
-            found = _Order(order, shape, cfg).best()
-            if found is None:
-                continue
-            t, counts = found
-            key = (t, sum(1 for c in counts if c), [rank[id(m)] for m in order])
-            if best is None or key < (best[0], best[1], best[2]):
-                best = (*key, order, counts)
+    best = _search([m for m in fastest if m.member_id == first] or fastest, fastest, rank,
+                   shape, cfg)
+    if best is None and first is not None:  # it cannot be first: any order will do
+        best = _search(fastest, fastest, rank, shape, cfg)
     if best is None:
         held = max(sum(max(0, c) for c in _Order(o, shape, cfg).mem_caps)
                    for o in ([fastest[0]], fastest))

@@ -125,3 +125,12 @@ def test_shape_from_a_qwen_config() -> None:
     total = s.embed_bytes + s.num_layers * s.layer_bytes
     assert 490e6 < total / 4 < 500e6  # Qwen2.5-0.5B: 494M parameters
     assert s.kv_bytes_per_token == 2 * 2 * 64 * 4
+
+
+def test_a_replan_keeps_the_first_stage_when_asked() -> None:
+    members = [m("a", 4.0), m("b", 4.0, 2.0)]
+    assert plan_layers(SHAPE, members, CFG).stages[0].member_id == "b"
+    kept = plan_layers(SHAPE, members, CFG, first="a")
+    assert kept.stages[0].member_id == "a" and kept.stages[0].embed
+    gone = plan_layers(SHAPE, members, CFG, first="dead")  # not a member: no constraint
+    assert gone.stages[0].member_id == "b"
