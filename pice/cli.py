@@ -26,6 +26,7 @@ def _settings(args: argparse.Namespace) -> ServeSettings:
         "quantization": getattr(args, "quantization", None),
         "edge_tokens_file": getattr(args, "edge_tokens_file", None),
         "local_edges": False if getattr(args, "no_local_edges", False) else None,
+        "cloud_backend": getattr(args, "cloud_backend", None),
     }.items() if v is not None}
     return ServeSettings(**overrides)
 
@@ -34,15 +35,25 @@ def cmd_serve(args: argparse.Namespace) -> int:
     import uvicorn
 
     from pice.cloud.api.app import create_app
+    from pice.cloud.api.connections import server_config
     from pice.runtime import build_pipeline
 
     settings = _settings(args)
+    if args.ray:
+        from pice.cloud.serve.app import run
+        from pice.cloud.serve.settings import RaySettings
+
+        print(f"pice: Ray Serve on http://{settings.host}:{settings.port} (cloud backend "
+              f"{settings.cloud_backend}); GET /ready turns 200 when a gateway has loaded",
+              file=sys.stderr)
+        run(settings, RaySettings())
+        return 0
     print(f"pice: serving on http://{settings.host}:{settings.port} "
           f"(cloud={settings.cloud_model}, edge={','.join(settings.edge_models)}); "
           "GET /ready turns 200 when the models are loaded", file=sys.stderr)
     app = create_app(settings, build_pipeline)
-    uvicorn.run(app, host=settings.host, port=settings.port, log_level="info",
-                ssl_certfile=args.ssl_certfile, ssl_keyfile=args.ssl_keyfile)
+    uvicorn.Server(server_config(app, settings, ssl_certfile=args.ssl_certfile,
+                                 ssl_keyfile=args.ssl_keyfile)).run()
     return 0
 
 
@@ -201,6 +212,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="accept remote edge agents holding a token from this file")
     p.add_argument("--no-local-edges", action="store_true",
                    help="no in-process edge workers: remote agents only")
+    p.add_argument("--cloud-backend", choices=["local", "openai", "vllm"],
+                   help="who serves the cloud model (default local; openai: PICE_OPENAI_*)")
+    p.add_argument("--ray", action="store_true",
+                   help="run on Ray Serve: gateway + cloud-model deployments (PICE_RAY_*)")
     p.add_argument("--ssl-certfile", help="serve HTTPS/WSS with this certificate")
     p.add_argument("--ssl-keyfile", help="private key of --ssl-certfile")
     p.set_defaults(fn=cmd_serve)

@@ -8,6 +8,7 @@ import json
 import math
 from typing import Any
 
+from pice.shared.errors import ContextLengthError
 from pice.shared.tokenizer import ChatTokenizer, Message
 
 TAG = "\x1epice-chat\x1e"  # record separators: never in a chat template's output
@@ -49,3 +50,33 @@ def count(text: str, tokenizer: ChatTokenizer | None) -> int:
     if tokenizer is not None:
         return tokenizer.count_tokens(text)
     return math.ceil(len(text) / CHARS_PER_TOKEN)
+
+
+class ChatAPIPrompts:
+    """The prompt side of a backend behind a chat API: tagged-JSON prompts, counted with the
+    upstream model's tokenizer when one is given."""
+
+    def __init__(self, max_context: int, tokenizer: ChatTokenizer | None = None) -> None:
+        self._max_context = max_context
+        self.tokenizer = tokenizer
+
+    @property
+    def max_context(self) -> int:
+        return self._max_context
+
+    def render_chat(self, messages: list[Message], assistant_prefix: str = "") -> str:
+        return encode(messages, assistant_prefix)
+
+    def count_tokens(self, text: str) -> int:
+        return count(text, self.tokenizer)
+
+    def check_fits(self, prompt_tokens: int, max_tokens: int) -> None:
+        if max_tokens >= self.max_context:
+            raise ContextLengthError(
+                f"max_tokens {max_tokens} exceeds the context limit of {self.max_context}",
+                field="max_tokens")
+        if prompt_tokens + max_tokens > self.max_context:
+            raise ContextLengthError(
+                f"prompt has {prompt_tokens} tokens and max_tokens is {max_tokens}: "
+                f"{prompt_tokens + max_tokens} exceeds the context limit of {self.max_context}",
+                field="messages")

@@ -22,10 +22,10 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from pice.cloud.backends import chat_prompt
 from pice.cloud.backends.errors import UpstreamError, UpstreamTimeoutError
-from pice.shared.errors import BadRequestError, ContextLengthError, NotFoundError
+from pice.shared.errors import BadRequestError, NotFoundError
 from pice.shared.lora.adapter import AdapterInfo
 from pice.shared.sampling import Completion, SamplingParams
-from pice.shared.tokenizer import ChatTokenizer, Message
+from pice.shared.tokenizer import ChatTokenizer
 
 log = logging.getLogger(__name__)
 
@@ -69,7 +69,8 @@ class OpenAISettings(BaseSettings):
 
 @dataclass
 class UpstreamCompletion(Completion):
-    """A completion whose token counts come from the upstream's `usage` (no token ids)."""
+    """A completion whose token counts come from elsewhere (an upstream's `usage`, a remote
+    replica), without token ids."""
 
     usage_completion_tokens: int = 0
 
@@ -78,16 +79,15 @@ class UpstreamCompletion(Completion):
         return self.usage_completion_tokens
 
 
-class OpenAIGenerator:
+class OpenAIGenerator(chat_prompt.ChatAPIPrompts):
     """A `TextGenerator` over an OpenAI-compatible chat-completions API."""
 
     def __init__(self, name: str, cfg: OpenAISettings, max_context: int,
                  tokenizer: ChatTokenizer | None = None) -> None:
+        super().__init__(max_context, tokenizer)
         self.name = name
         self.cfg = cfg
         self.model = cfg.model or name
-        self._max_context = max_context
-        self.tokenizer = tokenizer
         key = cfg.key()
         headers = {"Authorization": f"Bearer {key}"} if key else {}
         self.client = httpx.Client(
@@ -100,28 +100,6 @@ class OpenAIGenerator:
     def close(self) -> None:
         self.pool.shutdown(wait=False, cancel_futures=True)
         self.client.close()
-
-    # ---- prompt side ---------------------------------------------------------------------
-    @property
-    def max_context(self) -> int:
-        return self._max_context
-
-    def render_chat(self, messages: list[Message], assistant_prefix: str = "") -> str:
-        return chat_prompt.encode(messages, assistant_prefix)
-
-    def count_tokens(self, text: str) -> int:
-        return chat_prompt.count(text, self.tokenizer)
-
-    def check_fits(self, prompt_tokens: int, max_tokens: int) -> None:
-        if max_tokens >= self.max_context:
-            raise ContextLengthError(
-                f"max_tokens {max_tokens} exceeds the context limit of {self.max_context}",
-                field="max_tokens")
-        if prompt_tokens + max_tokens > self.max_context:
-            raise ContextLengthError(
-                f"prompt has {prompt_tokens} tokens and max_tokens is {max_tokens}: "
-                f"{prompt_tokens + max_tokens} exceeds the context limit of {self.max_context}",
-                field="messages")
 
     # ---- generation ----------------------------------------------------------------------
     def _body(self, prompt: str, params: SamplingParams, stream: bool) -> dict[str, Any]:
