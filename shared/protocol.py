@@ -63,6 +63,63 @@ class AgentRegister(BaseModel):
     adapters: list[str] = Field(default_factory=list, max_length=4096)  # LoRA adapters it serves
     slots: int = Field(ge=1, le=4096)  # points it runs at once (the hub never sends more)
     tokens_per_s: float = Field(0.0, ge=0.0)  # decode rate of one stream, measured at start
+    group: GroupMember | None = None  # set: a member of an edge group (`pice edge --group`)
+
+
+class GroupModelShape(BaseModel):
+    """A group member's model, as its config.json describes it (the hub plans layers with it)."""
+
+    model_config = ConfigDict(extra="forbid")
+    num_hidden_layers: int = Field(ge=1, le=4096)
+    hidden_size: int = Field(ge=1, le=1 << 16)
+    intermediate_size: int = Field(ge=1, le=1 << 20)
+    num_attention_heads: int = Field(ge=1, le=4096)
+    num_key_value_heads: int = Field(ge=1, le=4096)
+    head_dim: int = Field(ge=1, le=4096)
+    vocab_size: int = Field(ge=1, le=1 << 22)
+    tie_word_embeddings: bool
+    dtype_bytes: int = Field(4, ge=1, le=8)  # bytes per weight as the member would run it
+
+
+class GroupMember(BaseModel):
+    """What an edge-group member offers (inside its AgentRegister)."""
+
+    model_config = ConfigDict(extra="forbid")
+    name: str = Field(pattern=_EDGE_ID)  # the group; members of one group share a LAN
+    free_bytes: int = Field(ge=0)  # memory it can give the model now
+    flops_per_s: float = Field(ge=0.0)  # measured: a short fp32 matmul at start
+    data_addr: str = Field(pattern=r"^[A-Za-z0-9.:\[\]-]{1,255}:[0-9]{1,5}$")  # its stage listener
+    shape: GroupModelShape  # of models[0], the model the group serves
+
+
+class HubGroupPlan(BaseModel):
+    """Hub → group member: the group's plan (a new epoch), or that the member or the whole group
+    has no range in it (`index` -1, with `reason`)."""
+
+    model_config = ConfigDict(extra="forbid")
+    type: Literal["group_plan"] = "group_plan"
+    group: str = Field(pattern=_EDGE_ID)
+    epoch: int = Field(ge=1)  # plan number; stages drop frames and links of older epochs
+    index: int = Field(-1, ge=-1)  # this member's stage, 0 = first (-1: no range, see reason)
+    n_stages: int = Field(0, ge=0)  # 0: the group cannot hold the model and left the pool
+    start: int = Field(0, ge=0)  # first layer it holds (inclusive)
+    end: int = Field(0, ge=0)  # last layer it holds (exclusive)
+    next_addr: str | None = None  # data_addr of the next stage (the last's is the first's)
+    token: str = Field("", max_length=256)  # per-group, per-epoch secret of the data plane
+    num_blocks: int = Field(0, ge=0)  # KV blocks every stage allocates (the first admits in it)
+    block_size: int = Field(16, ge=1, le=128)  # tokens per KV block
+    micro_batches: int = Field(0, ge=0)  # decode micro-batches in flight (0: one per stage)
+    reason: str | None = Field(None, max_length=2000)  # why no range / no plan
+
+
+class AgentGroupReady(BaseModel):
+    """Group member → hub: plan `epoch` is applied here (layers loaded, next stage dialled)."""
+
+    model_config = ConfigDict(extra="forbid")
+    type: Literal["group_ready"] = "group_ready"
+    group: str = Field(pattern=_EDGE_ID)
+    epoch: int = Field(ge=1)
+    error: str | None = Field(None, max_length=2000)  # set: it could not apply the plan
 
 
 class HubWelcome(BaseModel):
@@ -143,8 +200,10 @@ class AgentDrain(BaseModel):
 
 
 AgentMessage = Annotated[AgentRegister | AgentHeartbeat | AgentPong | AgentResult
-                         | AgentBatchDone | AgentDrain, Field(discriminator="type")]
-HubMessage = Annotated[HubWelcome | HubPing | HubTasks | HubCancel, Field(discriminator="type")]
+                         | AgentBatchDone | AgentDrain | AgentGroupReady,
+                         Field(discriminator="type")]
+HubMessage = Annotated[HubWelcome | HubPing | HubTasks | HubCancel | HubGroupPlan,
+                       Field(discriminator="type")]
 _AGENT = TypeAdapter[AgentMessage](AgentMessage)
 _HUB = TypeAdapter[HubMessage](HubMessage)
 
