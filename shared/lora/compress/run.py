@@ -63,6 +63,7 @@ class CompressConfig:
     seed: int = 0
     share_tenants: list[str] = field(default_factory=list)  # opted in to shared bases
     max_rank: int = 64  # the engine's slot rank: no basis is larger
+    threads: int = 1  # torch threads while fitting
 
     def __post_init__(self) -> None:
         if self.method not in ("full", "diag"):
@@ -106,7 +107,8 @@ def _stack(names: list[str], loaded: list[LoadedAdapter], shape: ModelShape) -> 
 
 def _fingerprint(cfg: CompressConfig, specs: list[AdapterSpec]) -> str:
     stat = [(s.name, s.path.stat().st_size, s.path.stat().st_mtime_ns) for s in specs]
-    body = json.dumps([asdict(cfg), sorted(stat)], sort_keys=True, default=str)
+    settings = {k: v for k, v in asdict(cfg).items() if k != "threads"}
+    body = json.dumps([settings, sorted(stat)], sort_keys=True, default=str)
     return hashlib.sha256(body.encode()).hexdigest()
 
 
@@ -194,8 +196,19 @@ def _write_group(fit_: Any, stack: Stack, cfg: CompressConfig, out: Path, slug: 
 def compress(sources: list[Source], shape: ModelShape, out: Path, cfg: CompressConfig,
              progress: bool = True) -> dict[str, Any]:
     """Compress, write the store under `out` (resuming earlier work there); the manifest."""
+    threads = torch.get_num_threads()
+    # the fits are many small factorisations: one thread each is several times faster than
+    # two threads contending on a loaded machine
+    torch.set_num_threads(cfg.threads)
+    try:
+        return _compress(sources, shape, Path(out), cfg, progress)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _compress(sources: list[Source], shape: ModelShape, out: Path, cfg: CompressConfig,
+              progress: bool) -> dict[str, Any]:
     t0 = time.perf_counter()
-    out = Path(out)
     share = set(cfg.share_tenants)
     specs = {s.name: validate_adapter(s.name, s.path, shape, max_rank=128,
                                       max_bytes=2**40) for s in sources}
