@@ -1,20 +1,30 @@
-"""The engine: admission, and a step that is schedule → execute → update_from_output."""
+"""The engine: admission, and a step that is schedule → execute → update_from_output.
+
+A fault in one sequence ends that sequence alone: a row the sampler could not sample (non-finite
+logits) ends its sequence with a SequenceFaultError, and when the batched forward pass raises,
+each sequence is run alone so only the ones that fail by themselves are ended."""
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
+
+import torch
 
 from pice.shared.engine.block_manager import BlockManager
 from pice.shared.engine.config import EngineConfig
 from pice.shared.engine.lora import model_shape
 from pice.shared.engine.model_runner import ModelRunner
+from pice.shared.engine.sampler import FAULT_TOKEN
 from pice.shared.engine.scheduler import Scheduler, SchedulerOutput
-from pice.shared.engine.sequence import Sequence
+from pice.shared.engine.sequence import Sequence, SequenceFaultError
 from pice.shared.errors import BadRequestError, ContextLengthError
 from pice.shared.lora.pool import AdapterPool
 from pice.shared.lora.slots import GROUP_OF
 from pice.shared.sampling import SamplingParams
 from pice.shared.tokenizer import trim_at_stop
+
+log = logging.getLogger(__name__)
 
 
 class LLMEngine:
@@ -33,7 +43,8 @@ class LLMEngine:
         self.scheduler = Scheduler(self.blocks, cfg.max_num_seqs, cfg.max_num_batched_tokens,
                                    self.pool)
         # counters: tokens actually computed in prefill and decode steps, preemptions
-        self.stats = {"prefill_tokens": 0, "decode_tokens": 0, "preemptions": 0, "steps": 0}
+        self.stats = {"prefill_tokens": 0, "decode_tokens": 0, "preemptions": 0, "steps": 0,
+                      "faults": 0}
 
     # ---- admission: every refusal happens here, never inside a step ------------------------
     def make_sequence(self, prompt_ids: list[int], params: SamplingParams,
@@ -41,6 +52,10 @@ class LLMEngine:
         """A checked sequence; naming an adapter counts it as a user of it (see `release`)."""
         if not prompt_ids:
             raise BadRequestError("prompt is empty", field="prompt")
+        vocab = self.runner.model.vocab_size
+        if not all(isinstance(t, int) and 0 <= t < vocab for t in prompt_ids):
+            raise BadRequestError(f"prompt token ids must be integers in [0, {vocab})",
+                                  field="prompt")
         total = len(prompt_ids) + params.max_tokens
         if total > self.max_model_len:
             raise ContextLengthError(
@@ -88,18 +103,55 @@ class LLMEngine:
         self.stats["prefill_tokens" if batch.is_prefill else "decode_tokens"] += batch.num_tokens
         self.stats["preemptions"] += len(batch.preempted)
         self.stats["steps"] += 1
-        try:
-            token_ids, logprobs = self.runner.execute(batch)
-        except Exception:
-            for seq in batch.seqs:  # their blocks may hold half-written K/V
-                self.blocks.forget(seq)
-                self.scheduler.finish(seq, "error")
-            raise
+        token_ids, logprobs = self._execute(batch)
         return failed + self.update_from_output(batch, token_ids, logprobs)
+
+    def _execute(self, batch: SchedulerOutput) -> tuple[list[int], list[float]]:
+        """The runner's tokens for the batch; when the batched pass raises, each sequence runs
+        alone and those that still raise get FAULT_TOKEN (their fault named in `fault`)."""
+        try:
+            return self.runner.execute(batch)
+        except Exception as exc:
+            if len(batch.seqs) == 1:
+                batch.seqs[0].fault = f"the forward pass failed ({type(exc).__name__}: {exc})"
+                log.warning("sequence %d failed alone: %s", batch.seqs[0].seq_id, exc)
+                return [FAULT_TOKEN], [float("nan")]
+        # Rerunning is safe: a sequence's K/V slots are rewritten with the same values, and
+        # num_cached_tokens only moves once its forward pass succeeded.
+        ids: list[int] = []
+        lps: list[float] = []
+        for seq in batch.seqs:
+            one = SchedulerOutput([seq], batch.is_prefill)
+            (token,), (lp,) = self._execute(one)
+            ids.append(token)
+            lps.append(lp)
+        return ids, lps
+
+    def _fail(self, seq: Sequence) -> None:
+        """End a faulted sequence alone: its K/V may be non-finite, so the blocks only it holds
+        are zeroed (attention reads padding slots with weight 0, and 0 * NaN is NaN) and no
+        prefix-cache key points at them."""
+        reason = seq.fault or "unknown fault"
+        owned = [b for b in seq.block_table if self.blocks.blocks[b].ref_count == 1]
+        if owned:
+            idx = torch.tensor(owned, dtype=torch.long, device=self.runner.device)
+            for k_cache, v_cache in self.runner.kv_caches:  # each [blocks, bs, kv_heads, hd]
+                k_cache.index_fill_(0, idx, 0)
+                v_cache.index_fill_(0, idx, 0)
+        self.blocks.forget(seq)
+        where = f" with adapter {seq.adapter!r}" if seq.adapter is not None else ""
+        seq.error = SequenceFaultError(
+            f"generation failed at completion token {seq.num_completion_tokens + 1}{where}: "
+            f"{reason}; this request was ended, no other was affected")
+        self.stats["faults"] += 1
+        self.scheduler.finish(seq, "error")
 
     def update_from_output(self, batch: SchedulerOutput, token_ids: list[int],
                            logprobs: list[float]) -> list[Sequence]:
         for seq, token, logprob in zip(batch.seqs, token_ids, logprobs, strict=True):
+            if token == FAULT_TOKEN:
+                self._fail(seq)
+                continue
             seq.append(token, logprob)
             reason = self._finish_reason(seq, token)
             if reason:

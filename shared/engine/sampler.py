@@ -1,31 +1,84 @@
 """Next-token choice per sequence: greedy, or temperature / top-k / top-p with a per-sequence
-seeded generator. Log-probabilities are of the chosen token under the model (temperature 1)."""
+seeded generator. Log-probabilities are of the chosen token under the model (temperature 1).
+
+Numerically safe for any parameter value validation lets through (a temperature of 1e-38, a
+top_p of 1e-46): scores are shifted so their maximum is 0 before dividing by the temperature,
+so they stay in [-inf, 0] and the best token always keeps probability > 0; top-p always keeps
+the best token. A row the model made non-finite (NaN, +Inf, or no finite score), or whose
+sampling raises for any other reason, is that sequence's fault alone: `sample` records why in
+the sequence's `fault` and chooses for every other row as usual."""
 
 from __future__ import annotations
+
+import math
 
 import torch
 
 from pice.shared.engine.sequence import Sequence
+from pice.shared.sampling import SamplingParams
+
+_F32 = torch.finfo(torch.float32)
+FAULT_TOKEN = -1  # the token reported for a faulted row (never appended to a sequence)
+
+
+def row_fault(row: torch.Tensor) -> str | None:
+    """Why one row of logits [vocab] cannot be sampled from, or None. -Inf entries are fine
+    (probability zero); NaN, +Inf, or a row with no finite score are not."""
+    if bool(torch.isnan(row).any()):
+        return "the model's logits became NaN"
+    if bool(torch.isposinf(row).any()):
+        return "the model's logits became +Inf"
+    if not bool(torch.isfinite(row).any()):
+        return "the model's logits hold no finite value"
+    return None
+
+
+def _choose(logits: torch.Tensor, p: SamplingParams,
+            generator: torch.Generator | None) -> int:
+    """One token from a row of finite-max logits [vocab]."""
+    # shifted: [vocab] in [-inf, 0], the best token(s) exactly 0, so dividing by any positive
+    # temperature (however small) gives no NaN and exp(0) = 1 keeps the best token possible
+    shifted = logits - logits.max()
+    if not (p.temperature > 0 and math.isfinite(p.temperature)):
+        raise ValueError(f"temperature must be a finite number > 0 here, got {p.temperature}")
+    # in float32's normal range: 5e-324 would round to 0 (0 / 0 is NaN), 1e300 to inf
+    temperature = min(max(p.temperature, _F32.tiny), _F32.max)
+    scores = shifted / temperature  # [vocab], in [-inf, 0]
+    if p.top_k:
+        kth = torch.topk(scores, min(p.top_k, scores.numel())).values[-1]
+        scores = scores.masked_fill(scores < kth, float("-inf"))
+    if p.top_p < 1.0:
+        sorted_scores, order = scores.sort(descending=True)  # [vocab] each
+        probs_sorted = sorted_scores.softmax(-1)
+        before = probs_sorted.cumsum(-1) - probs_sorted  # mass strictly ahead of each token
+        drop = before >= p.top_p  # keep the smallest set reaching top_p ...
+        drop[0] = False  # ... and always the best token (top_p may round to 0)
+        scores = scores.scatter(0, order[drop], float("-inf"))
+    probs = scores.softmax(-1)  # [vocab]; the best token has probability > 0
+    return int(torch.multinomial(probs, 1, generator=generator).item())
 
 
 def sample(logits: torch.Tensor, seqs: list[Sequence]) -> tuple[list[int], list[float]]:
-    """logits: [batch, vocab] float32, one row per sequence."""
+    """logits: [batch, vocab] float32, one row per sequence. Returns the chosen token and its
+    log-probability per row; a faulted row gets FAULT_TOKEN and NaN, and its sequence's
+    `fault` says why (the engine ends that sequence alone)."""
+    logits = logits.float()
     logprobs = logits.log_softmax(-1)  # [batch, vocab]
     chosen = logits.argmax(-1)  # [batch]; greedy rows keep it
+    finite = torch.isfinite(logits).all(-1).tolist()  # [batch]: the common case, checked once
+    faulted: set[int] = set()
     for row, seq in enumerate(seqs):
-        p = seq.params
-        if p.greedy:
-            continue
-        scores = logits[row] / p.temperature  # [vocab]
-        if p.top_k:
-            kth = torch.topk(scores, min(p.top_k, scores.numel())).values[-1]
-            scores = scores.masked_fill(scores < kth, float("-inf"))
-        if p.top_p < 1.0:
-            sorted_scores, order = scores.sort(descending=True)
-            cum = sorted_scores.softmax(-1).cumsum(-1)
-            drop = cum - sorted_scores.softmax(-1) >= p.top_p  # keep the smallest set >= top_p
-            scores = scores.scatter(0, order[drop], float("-inf"))
-        probs = scores.softmax(-1)
-        chosen[row] = torch.multinomial(probs, 1, generator=seq.generator).item()
+        reason = None if finite[row] else row_fault(logits[row])
+        if reason is None and not seq.params.greedy:
+            try:
+                chosen[row] = _choose(logits[row], seq.params, seq.generator)
+            except Exception as exc:  # anything else: this row's fault, never the step's
+                reason = f"sampling failed ({type(exc).__name__}: {exc})"
+        if reason is not None:
+            seq.fault = reason
+            faulted.add(row)
     ids = chosen.tolist()
-    return ids, logprobs.gather(-1, chosen.unsqueeze(-1)).squeeze(-1).tolist()
+    lps = logprobs.gather(-1, chosen.unsqueeze(-1)).squeeze(-1).tolist()  # [batch]
+    for row in faulted:
+        ids[row], lps[row] = FAULT_TOKEN, math.nan
+    return ids, lps

@@ -7,9 +7,17 @@ from enum import Enum, auto
 
 import torch
 
+from pice.shared.errors import PiceError
 from pice.shared.sampling import SamplingParams
 
 _ids = itertools.count()
+
+
+class SequenceFaultError(PiceError):
+    """One sequence's computation failed (its logits went non-finite, its sampling or its
+    forward pass raised); it alone was ended, every other sequence of the step went on."""
+
+    status_code = 500
 
 
 class SeqStatus(Enum):
@@ -45,7 +53,8 @@ class Sequence:
         self.lora_slot: int | None = None
         self.lora_hit: bool | None = None
         self.bypassed = 0
-        self.error: BaseException | None = None  # set when it failed outside a step
+        self.error: BaseException | None = None  # why it failed (then finish_reason "error")
+        self.fault: str | None = None  # set by the sampler: why its row could not be sampled
 
     def __len__(self) -> int:
         return len(self.token_ids)

@@ -36,6 +36,7 @@ _KEY = re.compile(r"^base_model\.model\.model\.layers\.(\d+)\.(self_attn|mlp)\."
 _DTYPES = {"F32": 4, "F16": 2, "BF16": 2}
 _MAX_HEADER = 16 * 2**20  # a safetensors header larger than this is refused unread
 _MAX_CONFIG = 2**20
+_MAX_NAME = 512  # longest tensor name or base model name accepted
 # Config fields that change the math in ways the batched kernels do not implement.
 _UNSUPPORTED_FLAGS = ("use_dora", "fan_in_fan_out", "lora_bias", "use_qalora")
 
@@ -156,27 +157,38 @@ def _check_config(name: str, cfg: dict[str, Any], max_rank: int) -> tuple[int, f
     return r, float(alpha), rslora, tuple(t for t in TARGETS if t in targets)
 
 
-def _check_base(name: str, cfg: dict[str, Any], shape: ModelShape) -> str | None:
-    """When the adapter names a local base model directory, its config must match ours."""
+def _check_base(name: str, cfg: dict[str, Any]) -> str | None:
+    """base_model_name_or_path is an opaque label: reported, compared by nobody, and never
+    opened as a path (an uploaded config must not make the server read its own disk). Whether
+    the adapter fits the model is decided by its tensors' shapes."""
     base = cfg.get("base_model_name_or_path")
-    if not isinstance(base, str) or not base:
+    if base is None or base == "":
         return None
-    base_cfg = Path(base) / "config.json"
-    try:
-        raw = json.loads(base_cfg.read_text()) if base_cfg.is_file() else None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
-        raw = None
-    if isinstance(raw, dict):
-        arch = (raw.get("architectures") or [None])[0]
-        theirs = (arch, raw.get("hidden_size"), raw.get("num_hidden_layers"))
-        ours = (shape.architecture, shape.hidden_size, shape.num_layers)
-        if arch is not None and theirs != ours:
-            raise _bad(name, f"made for base model {base} (architecture, hidden size, layers = "
-                             f"{theirs}), but this engine serves {ours}")
+    if not isinstance(base, str) or len(base) > _MAX_NAME or \
+            any(ord(c) < 32 or ord(c) == 127 for c in base):
+        raise _bad(name, f"base_model_name_or_path must be a name of at most {_MAX_NAME} "
+                         f"printable characters, got {_show(base)}")
     return base
 
 
+def _show(value: object, limit: int = 120) -> str:
+    """A value for a message: a short printable string as is, anything else as a bounded repr
+    (a hostile file's names can be megabytes long, or hold NUL bytes)."""
+    if isinstance(value, str) and len(value) <= limit and value.isprintable():
+        return value
+    text = repr(value)
+    return text if len(text) <= limit else f"{text[:limit]}... ({len(text)} characters)"
+
+
+def _int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
 def _read_header(name: str, path: Path, size: int) -> dict[str, Any]:
+    """The tensor entries of a safetensors file, checked as strictly as the format demands:
+    integer offsets that tile the data region exactly (no gap, no overlap, nothing out of
+    range), known dtypes, sizes that match shapes. Any other header is refused with a message
+    naming the tensor."""
     with path.open("rb") as f:
         head = f.read(8)
         if len(head) < 8:
@@ -186,35 +198,60 @@ def _read_header(name: str, path: Path, size: int) -> dict[str, Any]:
             raise _bad(name, f"{WEIGHTS_FILE} has an invalid header length {length}")
         try:
             header = json.loads(f.read(length))
-        except (UnicodeDecodeError, json.JSONDecodeError):
+        except (UnicodeDecodeError, json.JSONDecodeError, RecursionError):
             raise _bad(name, f"{WEIGHTS_FILE} header is not valid JSON") from None
     if not isinstance(header, dict):
         raise _bad(name, f"{WEIGHTS_FILE} header must be a JSON object")
-    header.pop("__metadata__", None)
+    meta = header.pop("__metadata__", None)
+    if meta is not None and not (isinstance(meta, dict) and
+                                 all(isinstance(v, str) for v in meta.values())):
+        raise _bad(name, f"{WEIGHTS_FILE} __metadata__ must map names to strings")
     data_size = size - 8 - length
+    spans: list[tuple[int, int, str]] = []
     for key, entry in header.items():
-        try:
-            start, end = entry["data_offsets"]
-            dtype, tshape = entry["dtype"], entry["shape"]
-        except (TypeError, KeyError, ValueError):
-            raise _bad(name, f"tensor {key} has a malformed header entry") from None
-        if dtype not in _DTYPES:
-            raise _bad(name, f"tensor {key} has dtype {dtype}; allowed: {', '.join(_DTYPES)}")
-        if not (isinstance(tshape, list) and all(isinstance(d, int) for d in tshape)):
-            raise _bad(name, f"tensor {key} has a malformed shape {tshape!r}")
+        shown = _show(key)
+        if len(key) > _MAX_NAME or "\x00" in key:
+            raise _bad(name, f"tensor name {shown} is not a valid tensor name")
+        if not isinstance(entry, dict) or set(entry) != {"dtype", "shape", "data_offsets"}:
+            raise _bad(name, f"tensor {shown} has a malformed header entry (it needs exactly "
+                             "dtype, shape and data_offsets)")
+        dtype, tshape, offsets = entry["dtype"], entry["shape"], entry["data_offsets"]
+        if not isinstance(dtype, str) or dtype not in _DTYPES:
+            raise _bad(name, f"tensor {shown} has dtype {_show(dtype)}; allowed: "
+                             f"{', '.join(_DTYPES)}")
+        if not (isinstance(tshape, list) and len(tshape) <= 8 and
+                all(_int(d) and 0 <= d < 2**31 for d in tshape)):
+            raise _bad(name, f"tensor {shown} has a malformed shape {_show(tshape)}")
+        if not (isinstance(offsets, list) and len(offsets) == 2 and all(map(_int, offsets))):
+            raise _bad(name, f"tensor {shown}: data_offsets must be two integers, got "
+                             f"{_show(offsets)}")
+        start, end = offsets
         if not 0 <= start <= end <= data_size or end - start != math.prod(tshape) * _DTYPES[dtype]:
-            raise _bad(name, f"tensor {key}: data offsets do not match its shape (corrupt file)")
+            raise _bad(name, f"tensor {shown}: data offsets do not match its shape "
+                             "(corrupt file)")
+        spans.append((start, end, shown))
+    pos = 0
+    for start, end, shown in sorted(spans):
+        if start != pos:
+            problem = "overlaps the previous tensor" if start < pos else "leaves a gap before it"
+            raise _bad(name, f"tensor {shown}: its data {problem} (corrupt file)")
+        pos = end
+    if pos != data_size:
+        raise _bad(name, f"{WEIGHTS_FILE} has {data_size - pos} bytes after the last tensor "
+                         "(corrupt file)")
     return header
 
 
 def validate_adapter(name: str, directory: Path, shape: ModelShape, *, max_rank: int,
-                     max_bytes: int) -> AdapterSpec:
-    """Check an adapter directory against the model without loading any tensor; raise
-    InvalidAdapterError naming the first problem found."""
+                     max_bytes: int, dtype: torch.dtype = torch.float32) -> AdapterSpec:
+    """Check an adapter directory against the model, headers first, then by loading it with
+    the very code that serves it (`load_adapter`, in the engine's `dtype`): an adapter that
+    passes loads, and holds only finite weights. Raise InvalidAdapterError naming the first
+    problem found."""
     directory = Path(directory)
     cfg = _read_config(name, directory)
     rank, alpha, rslora, targets = _check_config(name, cfg, max_rank)
-    base = _check_base(name, cfg, shape)
+    base = _check_base(name, cfg)
     weights = directory / WEIGHTS_FILE
     if not weights.is_file():
         pickles = [p for p in PICKLE_FILES if (directory / p).exists()]
@@ -251,18 +288,32 @@ def validate_adapter(name: str, directory: Path, shape: ModelShape, *, max_rank:
     for (layer, proj), pair in keys.items():
         if set(pair) != {"A", "B"}:
             raise _bad(name, f"layer {layer} {proj} has lora_{''.join(pair)} but not both A and B")
-    return AdapterSpec(name=name, path=weights, rank=rank, alpha=alpha, use_rslora=rslora,
+    spec = AdapterSpec(name=name, path=weights, rank=rank, alpha=alpha, use_rslora=rslora,
                        target_modules=targets, size_bytes=size, base_model=base,
                        keys={k: (v["A"], v["B"]) for k, v in sorted(keys.items())})
+    load_adapter(spec, dtype)  # the loader is the last check: what passes here, serves
+    return spec
 
 
 def load_adapter(spec: AdapterSpec, dtype: torch.dtype) -> LoadedAdapter:
-    """Read a validated adapter into host tensors of `dtype` (scaling folded into B)."""
+    """Read a validated adapter into host tensors of `dtype` (scaling folded into B). Raises
+    InvalidAdapterError naming the tensor when the file cannot be read as validated or a
+    weight is (or, scaled into `dtype`, becomes) NaN or Inf."""
     weights: dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor]] = {}
     scaling = spec.scaling
-    with safe_open(str(spec.path), framework="pt", device="cpu") as f:
-        for target, (key_a, key_b) in spec.keys.items():
-            a = f.get_tensor(key_a).to(dtype).contiguous()  # [r, in]
-            b = (f.get_tensor(key_b).float() * scaling).to(dtype).contiguous()  # [out, r]
-            weights[target] = (a, b)
+    try:
+        with safe_open(str(spec.path), framework="pt", device="cpu") as f:
+            for target, (key_a, key_b) in spec.keys.items():
+                a = f.get_tensor(key_a).to(dtype).contiguous()  # [r, in]
+                b = (f.get_tensor(key_b).float() * scaling).to(dtype).contiguous()  # [out, r]
+                for key, t in ((key_a, a), (key_b, b)):
+                    if not bool(torch.isfinite(t).all()):
+                        raise _bad(spec.name, f"tensor {key} holds non-finite values (NaN or "
+                                              f"Inf, as {str(dtype).removeprefix('torch.')} "
+                                              "with the scaling applied to B)")
+                weights[target] = (a, b)
+    except InvalidAdapterError:
+        raise
+    except Exception as exc:  # safetensors refused the file: say so, never a 500
+        raise _bad(spec.name, f"{WEIGHTS_FILE} cannot be read: {_show(str(exc), 200)}") from None
     return LoadedAdapter(spec, weights)

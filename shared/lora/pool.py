@@ -92,7 +92,7 @@ class AdapterPool:
             if name in self._entries:
                 raise ConflictError(f"adapter {name!r} already exists", field="name")
         spec = validate_adapter(name, Path(directory), self.shape, max_rank=self.max_rank,
-                                max_bytes=self.max_file_bytes)
+                                max_bytes=self.max_file_bytes, dtype=self.dtype)
         with self._lock:
             if name in self._entries:
                 raise ConflictError(f"adapter {name!r} already exists", field="name")
