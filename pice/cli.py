@@ -347,8 +347,10 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--out", type=Path, default=Path("bench-results"))
     a.set_defaults(fn=cmd_bench_aas)
     from pice.bench.lora import add_lora_parser
+    from pice.bench.scale import add_scale_parser
 
     add_lora_parser(bsub)
+    add_scale_parser(bsub)
     from pice.shared.lora.compress.cli import add_adapters_parser
 
     add_adapters_parser(sub)

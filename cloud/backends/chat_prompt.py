@@ -29,6 +29,14 @@ def decode(prompt: str) -> tuple[list[dict[str, Any]], str]:
     return list(body["messages"]), str(body["prefix"])
 
 
+def extend(prompt: str, text: str) -> str:
+    """The prompt that continues after `text` was generated (a broken stream resumes here)."""
+    if not prompt.startswith(TAG):
+        return prompt + text
+    messages, prefix = decode(prompt)
+    return encode(messages, prefix + text)
+
+
 def to_request_messages(prompt: str) -> list[dict[str, Any]]:
     """Chat messages for the upstream; an assistant prefix becomes the last (assistant) message,
     which servers that continue it (vLLM: `continue_final_message`) extend."""

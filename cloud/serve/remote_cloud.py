@@ -10,7 +10,7 @@ import logging
 import time
 import uuid
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -111,29 +111,31 @@ class RemoteCloud(ChatBackedGenerator):
 
     def _stream(self, route: RequestRoute, prompt: str, params: SamplingParams,
                 adapter: str | None) -> Iterator[str]:
-        resumable = params.temperature == 0 or params.seed is not None  # same text again
+        """A replica lost mid-stream: the next one continues from the prompt plus the text
+        already sent (with what is left of max_tokens), so the client's text stays whole."""
         sent = ""
         for attempt in range(self.retries + 1):
-            produced = ""
+            left = params.max_tokens - (self.count_tokens(sent) if sent else 0)
+            if left < 1:
+                return
+            body = asdict(replace(params, max_tokens=left))
             try:
                 gen = self.handle.options(stream=True).stream.remote(
-                    prompt, asdict(params), adapter, affinity=route.key)
+                    chat_prompt.extend(prompt, sent), body, adapter, affinity=route.key)
                 for item in gen:
                     if "replica" in item:
                         route.cloud_replicas.append(item["replica"])
                         continue
-                    produced += item["text"]
-                    if len(produced) > len(sent):  # skip what the client already has
-                        assert produced.startswith(sent), "a resumed stream diverged"
-                        delta, sent = produced[len(sent):], produced
-                        yield delta
+                    sent += item["text"]
+                    yield item["text"]
                 return
             except RETRYABLE as exc:
-                if (sent and not resumable) or attempt == self.retries:
-                    raise UpstreamError(f"cloud model replica lost mid-stream after "
-                                        f"{len(sent)} characters: {exc}") from exc
-                log.warning("cloud replica lost mid-stream (%s); resuming after %d characters",
-                            type(exc).__name__, len(sent))
+                if attempt == self.retries:
+                    raise UpstreamError(f"cloud model replicas lost {attempt + 1} times "
+                                        f"mid-stream ({len(sent)} characters sent): "
+                                        f"{exc}") from exc
+                log.warning("cloud replica lost mid-stream (%s); continuing after %d "
+                            "characters", type(exc).__name__, len(sent))
                 time.sleep(min(0.1 * 2 ** attempt, 2.0))
 
     # ---- adapters live on the edges here; the cloud replicas serve the base model ----------
