@@ -50,6 +50,22 @@ class ServeSettings(BaseSettings):
     edge_deadline_multiplier: float = Field(4.0, ge=1, le=1000)
     edge_deadline_min_rate: float = Field(1.0, gt=0, le=1e6)  # tokens/s assumed at worst
     edge_suspect_s: float = Field(60.0, ge=0, le=86400)
+    # connection bounds: a request's headers must arrive within header_timeout_s and its body
+    # must not stall longer than body_timeout_s; idle keep-alive connections close after
+    # keep_alive_s; WebSockets are pinged every ws_ping_s and dropped without a pong as long
+    max_connections: int = Field(1024, ge=8, le=1_000_000)  # open at once (the oldest idle one
+    # is closed to make room); lowered to fit the process's file-descriptor limit
+    header_timeout_s: float = Field(10.0, gt=0, le=3600)
+    body_timeout_s: float = Field(30.0, gt=0, le=3600)
+    keep_alive_s: int = Field(5, ge=1, le=3600)
+    ws_ping_s: float = Field(20.0, gt=0, le=3600)
+    # per client: generation requests (chat, progressive) running at once per tenant (per client
+    # address when no API keys are set); over it → 429 with Retry-After
+    max_streams_per_client: int = Field(16, ge=1, le=100_000)
+    # per API key (per client address when none): token bucket of rate_limit_burst requests,
+    # refilled at rate_limit_rps per second; over it → 429 with Retry-After; 0 → no limit
+    rate_limit_rps: float = Field(20.0, ge=0, le=1e6)
+    rate_limit_burst: int = Field(40, ge=1, le=1_000_000)
     # ensemble expansion: quality guard and the distilled expansion adapter
     guard: bool = True  # re-expand empty, cut-off and low-scoring points in the cloud
     guard_threshold: float = Field(0.4, ge=0.0, le=1.0)  # selection score below → repair

@@ -14,6 +14,8 @@ from pice.cloud.adapter_catalog import open_catalog
 from pice.cloud.api import adapters, chat, edges, ops, progressive
 from pice.cloud.api.deps import get_tenant
 from pice.cloud.api.errors import install_error_handlers
+from pice.cloud.api.limits import RequestLimits
+from pice.cloud.api.openapi import install_openapi
 from pice.cloud.metrics import Metrics
 from pice.cloud.pipeline import Pipeline
 from pice.cloud.tenants import TenantRegistry
@@ -55,8 +57,14 @@ def create_app(settings: ServeSettings, builder: Builder) -> FastAPI:
     app.state.tenants = TenantRegistry.load(settings.api_keys_file)  # bad file: fail now
     app.state.adapters = None
     install_error_handlers(app, lambda status: metrics.errors.labels(str(status)).inc())
+    app.add_middleware(RequestLimits, tenants=app.state.tenants, metrics=metrics,
+                       rate=settings.rate_limit_rps, burst=settings.rate_limit_burst,
+                       max_streams=settings.max_streams_per_client)
+    metrics.runtime.watch(lambda: app.state.pipeline,
+                          lambda: getattr(app.state, "connection_bounds", None))
     for router in (chat.router, progressive.router, adapters.router):  # tenants' API: keys
         app.include_router(router, dependencies=[Depends(get_tenant)])
     for router in (ops.router, edges.router):  # agents authenticate with edge tokens
         app.include_router(router)
+    install_openapi(app)
     return app

@@ -11,7 +11,7 @@ from sse_starlette.sse import EventSourceResponse
 
 from pice.cloud import direct
 from pice.cloud.adapter_catalog import AdapterCatalog
-from pice.cloud.api.deps import get_catalog, get_pipeline, get_tenant, new_id
+from pice.cloud.api.deps import access_note, get_catalog, get_pipeline, get_tenant, new_id
 from pice.cloud.api.errors import exception_to_response
 from pice.cloud.api.schemas import (
     AssistantMessage,
@@ -60,14 +60,17 @@ async def chat_completions(body: ChatCompletionRequest, request: Request,
                                     pipeline)  # which model (and adapter) answers
     direct.validate(pipeline, plan, req)  # 4xx now, before any stream starts
     model = body.model or pipeline.cloud.name
+    note = access_note(request)
+    note["request_id"] = rid
     if body.stream:
-        return EventSourceResponse(_stream(direct.run(pipeline, plan, req), plan, req, model),
-                                   ping=15)
+        return EventSourceResponse(_stream(direct.run(pipeline, plan, req), plan, req, model,
+                                           note), ping=15)
     done = None
     async for ev in direct.run(pipeline, plan, req):
         if isinstance(ev, DoneEvent):
             done = ev
     assert done is not None, "pipeline ended without a DoneEvent"
+    note.update(mode=done.mode, timings=done.timings)
     completion = done.tokens["cloud"] + done.tokens["edge"]
     return ChatCompletionResponse(
         id=rid, created=int(time.time()), model=model,
@@ -91,7 +94,7 @@ def _chunk(rid: str, model: str, delta: dict[str, str], finish: str | None = Non
 
 
 async def _stream(events: AsyncIterator[Event], plan: direct.Plan, req: AnswerRequest,
-                  model: str) -> AsyncIterator[str]:
+                  model: str, note: dict[str, object]) -> AsyncIterator[str]:
     rid = req.request_id
     yield _chunk(rid, model, {"role": "assistant", "content": ""})
     pending: dict[int, SectionEvent] = {}  # sections arrive as they finish; text goes in order
@@ -108,6 +111,7 @@ async def _stream(events: AsyncIterator[Event], plan: direct.Plan, req: AnswerRe
                     yield _chunk(rid, model, {"content": f"{sep}{s.index + 1}. {s.text}"})
                     next_index += 1
             elif isinstance(ev, DoneEvent):
+                note.update(mode=ev.mode, timings=ev.timings)
                 yield _chunk(rid, model, {}, ev.finish_reason,
                              {"pice": report(ev, plan).model_dump()})
     except Exception as exc:  # the stream has begun: report in-band, then end it

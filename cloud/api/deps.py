@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import uuid
+from typing import Any
 
 from fastapi import Request
 
@@ -30,6 +31,13 @@ def get_catalog(request: Request) -> AdapterCatalog:
     get_pipeline(request)  # 503 while loading; the catalog is set before the pipeline
     catalog: AdapterCatalog = request.app.state.adapters
     return catalog
+
+
+def access_note(request: Request) -> dict[str, Any]:
+    """This request's access-log fields: handlers add what only they know (mode, timings);
+    the RequestLimits middleware writes the line when the response has ended."""
+    note = request.scope.get("state", {}).get("access")
+    return note if isinstance(note, dict) else {}
 
 
 def new_id(prefix: str) -> str:

@@ -11,7 +11,7 @@ from sse_starlette.sse import EventSourceResponse
 
 from pice.cloud import direct
 from pice.cloud.adapter_catalog import AdapterCatalog
-from pice.cloud.api.deps import get_catalog, get_pipeline, get_tenant, new_id
+from pice.cloud.api.deps import access_note, get_catalog, get_pipeline, get_tenant, new_id
 from pice.cloud.api.errors import exception_to_response
 from pice.cloud.api.schemas import ProgressiveRequest, ProgressiveResponse, SectionOut
 from pice.cloud.events import DeltaEvent, DoneEvent, Event, SectionEvent, SketchEvent
@@ -43,13 +43,17 @@ async def progressive(body: ProgressiveRequest, request: Request,
     plan = await direct.plan_answer(None, body.adapter, question, tenant, catalog, pipeline,
                                     field="adapter")
     pipeline.validate(req)
+    note = access_note(request)
+    note["request_id"] = req.request_id
     if body.stream:
-        return EventSourceResponse(_events(direct.run(pipeline, plan, req), plan), ping=15)
+        return EventSourceResponse(_events(direct.run(pipeline, plan, req), plan, note),
+                                   ping=15)
     done = None
     async for ev in direct.run(pipeline, plan, req):
         if isinstance(ev, DoneEvent):
             done = ev
     assert done is not None, "pipeline ended without a DoneEvent"
+    note.update(mode=done.mode, timings=done.timings)
     return ProgressiveResponse(mode=done.mode, reason=done.reason, sketch=done.sketch,
                                timings=done.timings, tokens=done.tokens, text=done.text,
                                sections=[SectionOut(**asdict(s)) for s in done.sections],
@@ -57,8 +61,8 @@ async def progressive(body: ProgressiveRequest, request: Request,
                                adapter=plan.report(done.mode))
 
 
-async def _events(events: AsyncIterator[Event],
-                  plan: direct.Plan) -> AsyncIterator[dict[str, str]]:
+async def _events(events: AsyncIterator[Event], plan: direct.Plan,
+                  note: dict[str, object]) -> AsyncIterator[dict[str, str]]:
     try:
         async for ev in events:
             if isinstance(ev, SketchEvent):
@@ -68,6 +72,7 @@ async def _events(events: AsyncIterator[Event],
             elif isinstance(ev, DeltaEvent):
                 yield {"event": "delta", "data": json.dumps({"text": ev.text})}
             elif isinstance(ev, DoneEvent):
+                note.update(mode=ev.mode, timings=ev.timings)
                 data = {k: v for k, v in asdict(ev).items() if k != "sections"}
                 data["adapter"] = plan.report(ev.mode)
                 yield {"event": "done", "data": json.dumps(data)}

@@ -166,3 +166,16 @@ class ProgressiveResponse(PiceReport):
     sections: list[SectionOut]
     ensemble: int = 1  # candidates per point
     repaired: list[dict[str, Any]] = Field(default_factory=list)  # the quality guard's points
+
+
+class ErrorDetail(BaseModel):
+    message: str  # what was wrong, naming the field
+    type: str  # invalid_request_error, authentication_error, rate_limit_error, …
+    param: str | None = None  # the field at fault, where there is one
+    code: int  # the HTTP status
+
+
+class ErrorResponse(BaseModel):
+    """Every 4xx/5xx body (OpenAI's error shape)."""
+
+    error: ErrorDetail
