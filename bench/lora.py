@@ -265,10 +265,19 @@ def add_lora_parser(bsub: Any) -> None:
     p.add_argument("--threads", type=int, default=0)
     p.add_argument("--cache-dir", type=Path)
     p.add_argument("--out", type=Path, default=Path("bench-results"))
+    p.add_argument("--compressed", action="store_true",
+                   help="compressed (Compress then Serve) vs uncompressed adapters at equal "
+                        "memory, n in --ns (default 10,100,1000,4000)")
+    p.add_argument("--method", choices=["full", "diag"], default="full",
+                   help="with --compressed: JD-Full or JD-Diag")
     p.set_defaults(fn=_cmd)
 
 
 def _cmd(args: Any) -> int:
+    if args.compressed:
+        from pice.bench.lora_compressed import cmd
+
+        return cmd(args)
     kw: dict[str, Any] = {"model": args.model, "tiny": args.tiny, "threads": args.threads,
                           "cache_dir": args.cache_dir, "out_dir": args.out}
     if args.requests:

@@ -279,6 +279,11 @@ def run_peft(spec: dict[str, Any], batched: bool) -> dict[str, Any]:
 def main() -> None:
     spec = json.loads(Path(sys.argv[1]).read_text())
     kind = spec["kind"]
+    if kind in ("compressed", "uncompressed"):  # pice bench lora --compressed
+        from pice.bench.lora_compressed import run_worker
+
+        print(json.dumps(run_worker(spec)))
+        return
     out = run_pice(spec) if kind == "pice" else run_peft(spec, batched=kind == "peft_batch")
     print(json.dumps(out))
 

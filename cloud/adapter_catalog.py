@@ -117,6 +117,9 @@ class AdapterCatalog:
                 log.warning("adapter %s not restored: %s", rec.engine_name, rec.error)
             self._records[rec.engine_name] = rec
             self.router.set_card(rec.engine_name, rec.card.description, rec.card.examples)
+        for base in self.hosts:  # a compressed store from an earlier `compress` serves again
+            with contextlib.suppress(FileNotFoundError):
+                self._apply_compressed(base)
         known = {rec.dir for rec in self._records.values()}
         for d in (self.state_dir / "adapters").iterdir():  # crashed between move and save
             if f"adapters/{d.name}" not in known:
@@ -246,6 +249,50 @@ class AdapterCatalog:
             shutil.rmtree(self.state_dir / rec.dir, ignore_errors=True)
         log.info("adapter %s deleted", rec.engine_name)
         return rec
+
+
+    # ---- compression (admin) ------------------------------------------------------------------
+    def compress(self, base_model: str | None, **options: Any) -> dict[str, Any]:
+        """Compress the adapters of one base model into <state>/compressed/<model> (tenant
+        groups kept apart; `options` are CompressConfig fields: pice.shared.lora.compress) and
+        serve them from it; returns the manifest."""
+        from pice.shared.lora.compress import CompressConfig, Source, compress
+        from pice.shared.lora.compress.cli import store_dir
+
+        base = base_model or next(iter(self.hosts), None)
+        if base is None or base not in self.hosts:
+            raise BadRequestError(f"base_model {base_model!r} is not an edge model served here",
+                                  field="base_model")
+        pool = _pool(self.hosts[base])
+        with self._lock:
+            recs = [r for r in self._records.values() if r.base_model == base and not r.error]
+        sources = [Source(r.engine_name, self.state_dir / r.dir, r.owner, r.public)
+                   for r in recs]
+        if not sources:
+            raise BadRequestError(f"no adapters of {base} to compress", field="base_model")
+        try:
+            cfg = CompressConfig(**options, max_rank=pool.max_rank)
+        except ValueError as exc:
+            raise BadRequestError(str(exc), field="ranks") from exc
+        manifest: dict[str, Any] = compress(sources, pool.shape, store_dir(self.state_dir, base),
+                                            cfg, progress=False)
+        self._apply_compressed(base)
+        return manifest
+
+    def _apply_compressed(self, base: str) -> None:
+        from pice.shared.lora.compress.cli import store_dir
+
+        host = self.hosts.get(base)
+        if host is not None and getattr(getattr(host, "engine", None), "pool", None):
+            _pool(host).add_compressed(store_dir(self.state_dir, base))
+
+
+def _pool(host: AdapterHost) -> Any:
+    pool = getattr(getattr(host, "engine", None), "pool", None)
+    if pool is None or not hasattr(pool, "add_compressed"):
+        raise BadRequestError("this edge model's backend does not serve compressed adapters",
+                              field="base_model")
+    return pool
 
 
 def open_catalog(settings: ServeSettings, edge_generators: Mapping[str, object],

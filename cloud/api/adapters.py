@@ -211,3 +211,44 @@ async def delete_adapter(ref: str, tenant: Tenant = Depends(get_tenant),  # noqa
                          catalog: AdapterCatalog = Depends(get_catalog)) -> AdapterDeleted:  # noqa: B008
     await asyncio.to_thread(catalog.delete, tenant, ref)
     return AdapterDeleted(id=ref)
+
+
+# ---- admin: joint compression (pice.shared.lora.compress) ----------------------------------------
+ADMIN_TENANT = "admin"  # the operator's tenant in the keys file (open mode: everyone)
+
+
+class CompressRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    base_model: str | None = None  # edge model whose adapters to compress (default: the first)
+    method: Literal["full", "diag"] = "full"
+    budget: float = Field(0.3, gt=0, le=10)  # largest relative Frobenius error per ΔW_i
+    ranks: list[int] = Field(default_factory=lambda: [4, 8, 16, 32], min_length=1,
+                             max_length=8)
+    clusters: list[int] = Field(default_factory=lambda: [1, 2, 4, 8, 16, 25], min_length=1,
+                                max_length=8)
+    share_tenants: list[str] = Field(default_factory=list, max_length=256)  # opted in
+
+
+@router.post("/v1/admin/adapters/compress")
+async def compress_adapters(body: CompressRequest, request: Request,
+                            tenant: Tenant = Depends(get_tenant),  # noqa: B008
+                            catalog: AdapterCatalog = Depends(get_catalog),  # noqa: B008
+                            ) -> dict[str, Any]:
+    """Compress every adapter of one edge model into shared bases (one per cluster, never
+    across tenants unless public or opted in) and serve them from it. Admin only."""
+    from pice.cloud.tenants import DEFAULT_TENANT
+    from pice.shared.errors import ForbiddenError
+
+    if tenant.name != ADMIN_TENANT and not (tenant.name == DEFAULT_TENANT
+                                            and request.app.state.tenants.open):
+        raise ForbiddenError(f"adapter compression is for the {ADMIN_TENANT!r} tenant",
+                             field="authorization")
+    manifest = await asyncio.to_thread(
+        catalog.compress, body.base_model, method=body.method, budget=body.budget,
+        ranks=body.ranks, clusters=body.clusters, share_tenants=body.share_tenants)
+    adapters = {name: {k: v for k, v in a.items() if k not in ("path", "sigma")}
+                for name, a in manifest["adapters"].items()}
+    return {"object": "adapter.compression", "method": manifest["method"],
+            "budget": manifest["budget"], "totals": manifest["totals"],
+            "clusters": {c: {"rank": v["rank"], "members": len(v["members"])}
+                         for c, v in manifest["clusters"].items()}, "adapters": adapters}

@@ -37,6 +37,7 @@ from pice.shared.lora.adapter import (
     load_adapter,
     validate_adapter,
 )
+from pice.shared.lora.compress.pooled import CompressedPool
 from pice.shared.lora.slots import SlotBuffers, slot_bytes
 
 log = logging.getLogger(__name__)
@@ -59,7 +60,7 @@ class _Entry:
     hidden: bool = False  # a cluster basis, not an adapter anyone names
 
 
-class AdapterPool:
+class AdapterPool(CompressedPool):
     def __init__(self, shape: ModelShape, *, num_slots: int, max_rank: int, host_bytes: int,
                  dtype: torch.dtype, device: torch.device) -> None:
         self.shape = shape
@@ -151,7 +152,8 @@ class AdapterPool:
         return AdapterInfo(name=name, rank=s.rank, alpha=s.alpha, use_rslora=s.use_rslora,
                            target_modules=list(s.target_modules), size_bytes=s.size_bytes,
                            tier=tier, base_model=s.base_model,
-                           compressed=None if e.basis is None else e.basis.split("/", 1)[1])
+                           compressed=None if e.basis is None
+                           else e.basis.split("/", 1)[1].rsplit("@", 1)[0])
 
     def _get(self, name: str) -> _Entry:
         entry = self._entries.get(name)
@@ -247,45 +249,6 @@ class AdapterPool:
         with self._loaded:
             if any(e.loading for e in self._entries.values()):
                 self._loaded.wait(timeout)
-
-    # ---- compressed adapters (pice.shared.lora.compress) ---------------------------------------
-    def add_compressed(self, root: Path) -> list[str]:
-        """Serve the registered adapters a compressed store holds through their cluster's
-        basis (one slot per cluster) and their Σ_i; returns their names. Adapters it holds
-        that are not registered here are skipped."""
-        from pice.shared.lora.compress.serve import read_store
-
-        clusters, sigmas = read_store(Path(root), self.shape, set(self._entries),
-                                      self.max_rank, self.max_file_bytes)
-        done = []
-        with self._lock:
-            for cid, spec in clusters.items():
-                bname = f"~basis/{cid}"
-                if bname not in self._entries:
-                    self._entries[bname] = _Entry(spec, self._next_uid, hidden=True)
-                    self._next_uid += 1
-            assert self.buffers is not None or not sigmas
-            for name, (cid, kind, rank, cores) in sigmas.items():
-                entry = self._entries.get(name)
-                if entry is None or entry.hidden or entry.users:
-                    continue  # removed meanwhile, or in use: it stays as it was
-                assert self.buffers is not None
-                self.buffers.sigma.add(name, kind, rank, cores)
-                entry.basis, entry.store = f"~basis/{cid}", Path(root)
-                done.append(name)
-        return done
-
-    def _forget_sigma(self, name: str, entry: _Entry) -> None:
-        """A compressed adapter's Σ_i goes at once, from the device table and from its store."""
-        if entry.basis is None:
-            return
-        from pice.shared.lora.compress.store import drop_sigma
-
-        if self.buffers is not None:
-            self.buffers.sigma.remove(name)
-        if entry.store is not None:
-            drop_sigma(entry.store, name)
-        entry.basis = entry.store = None
 
     # ---- host tier ----------------------------------------------------------------------------
     def _request_load(self, name: str, entry: _Entry) -> None:
