@@ -13,7 +13,6 @@ import torch
 
 from pice.kernels.paged_attention import build_metadata
 from pice.shared.engine.generator import EngineGenerator
-from pice.shared.engine.model_runner import quantize_int8
 from pice.shared.engine.models import CausalLM, build_model
 from pice.shared.hf_backend import HFGenerator
 from pice.shared.sampling import SamplingParams
@@ -100,7 +99,7 @@ def int8_accuracy(spec: dict[str, Any]) -> dict[str, Any]:
     prompts = distinct_prompts(fp32, 6)
     outs = fp32.generate(prompts, SamplingParams(max_tokens=48, ignore_eos=True))
     texts = [fp32.chat.encode(p) + o.token_ids for p, o in zip(prompts, outs, strict=True)]
-    q8 = quantize_int8(build_model(spec["model"]))
+    q8 = build_model(spec["model"], gguf=spec.get("gguf"), quantization="int8")
     ref = fp32.engine.runner.model
     agree = total = 0
     kl_sum = 0.0

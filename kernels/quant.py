@@ -62,7 +62,7 @@ def _nibbles(qs: torch.Tensor) -> torch.Tensor:
 def dequantize(w: torch.Tensor, fmt: Fmt, k: int) -> torch.Tensor:
     """uint8 [N, row_bytes] -> float32 [N, k]: the torch reference of every format."""
     n = w.shape[0]
-    elems, size = BLOCKS[fmt]
+    size = BLOCKS[fmt][1]
     if fmt in (Fmt.F32, Fmt.F16):
         return w.contiguous().view(torch.float32 if fmt == Fmt.F32 else torch.float16).float()
     if fmt == Fmt.BF16:

@@ -68,7 +68,7 @@ class QuantWeight:
 class QuantLinear(nn.Module):
     """y = x @ W^T (+ bias) where W is the row-wise concatenation of quantized segments (a fused
     q/k/v or gate/up projection may mix formats, as GGUF files do per tensor). The segments are
-    buffers-free plain tensors: state_dict holds no weights (they come from the GGUF)."""
+    plain tensors, not parameters or buffers: `to_empty` and state_dict leave them alone."""
 
     def __init__(self, segments: list[QuantWeight], bias: torch.Tensor | None = None) -> None:
         super().__init__()
@@ -78,7 +78,9 @@ class QuantLinear(nn.Module):
         self.segments = segments
         self.in_features = k.pop()
         self.out_features = sum(s.rows for s in segments)
-        self.bias = nn.Parameter(bias.float(), requires_grad=False) if bias is not None else None
+        self.bias: nn.Parameter | None
+        self.register_parameter(
+            "bias", None if bias is None else nn.Parameter(bias.float(), requires_grad=False))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # x: [..., in_features] -> [..., out_features] (float32 math; result in x's dtype)
@@ -94,6 +96,9 @@ class QuantLinear(nn.Module):
         if self.bias is not None:
             y = y + self.bias
         return y.reshape(*lead, self.out_features).to(x.dtype)
+
+    def set_bias(self, bias: torch.Tensor) -> None:
+        self.bias = nn.Parameter(bias.float().reshape(self.out_features), requires_grad=False)
 
     def dequantized_weight(self) -> torch.Tensor:
         """float32 [out_features, in_features] (tests, and peft's dequantised base)."""

@@ -86,6 +86,11 @@ def cmd_edge(args: argparse.Namespace) -> int:
     settings = ServeSettings(**{k: v for k, v in {
         "cache_dir": args.cache_dir, "threads": args.threads, "backend": args.backend,
         "quantization": args.quantization}.items() if v is not None})
+    if args.group:
+        from pice.edge.group.agent import run_group_agent_cli
+
+        return run_group_agent_cli(cfg, settings, args.group, args.group_listen,
+                                   args.group_advertise, args.group_memory_mb)
     return run_edge_agent(cfg, settings)
 
 
@@ -196,7 +201,9 @@ def _model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--threads", type=int, help="torch threads (default: all cores)")
     p.add_argument("--backend", choices=["engine", "hf"],
                    help="engine: pice's paged-KV engine (default); hf: transformers generate")
-    p.add_argument("--quantization", choices=["int8"], help="engine: int8 linear layers")
+    p.add_argument("--quantization", choices=["gguf", "int8", "int4", "none"],
+                   help="engine weights: the GGUF's own quantization (default for GGUF models), "
+                        "int8/int4 weight-only, or none (float)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -232,7 +239,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cache-dir", type=Path, help="model cache (default ~/.cache/pice)")
     p.add_argument("--threads", type=int, help="torch threads (default: all cores)")
     p.add_argument("--backend", choices=["engine", "hf"])
-    p.add_argument("--quantization", choices=["int8"])
+    p.add_argument("--quantization", choices=["gguf", "int8", "int4", "none"])
+    p.add_argument("--group", help="join edge group NAME: serve a layer range of the model "
+                   "together with the group's other members")
+    p.add_argument("--group-listen", default="0.0.0.0:0",
+                   help="group data plane: host:port the previous stage dials")
+    p.add_argument("--group-advertise", help="host the previous stage dials (default: the "
+                   "listen host)")
+    p.add_argument("--group-memory-mb", type=int,
+                   help="memory offered to the group (default: MemAvailable)")
     p.set_defaults(fn=cmd_edge)
 
     p = sub.add_parser("edge-token", help="create, list or revoke edge agent tokens")

@@ -53,12 +53,16 @@ def set_threads(threads: int) -> None:
 
 
 def load_generator(spec: str, settings: ServeSettings, progress: bool = True) -> TextGenerator:
-    resolved = resolve_model(spec, settings.cache_dir, progress=progress)
+    # the engine reads a GGUF model's weights from the GGUF itself (kept quantized, or
+    # dequantised / requantized on load as asked): only transformers needs a dense fp32 copy
+    resolved = resolve_model(spec, settings.cache_dir, progress=progress,
+                             dense=settings.backend == "hf")
     log.info("loading %s from %s (%s, backend %s)", spec, resolved.path, resolved.source,
              settings.backend)
     if settings.backend == "hf":
         return HFGenerator(resolved.path, name=spec, max_context=settings.max_context)
     return EngineGenerator(resolved.path, name=spec, max_context=settings.max_context,
+                           gguf=resolved.gguf,
                            quantization=settings.quantization, kv_cache_gb=settings.kv_cache_gb,
                            lora_max_rank=settings.lora_max_rank, lora_slots=settings.lora_slots)
 

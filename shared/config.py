@@ -31,7 +31,9 @@ class ServeSettings(BaseSettings):
     # who serves the cloud model: local (`backend` above), openai (an OpenAI-compatible server,
     # PICE_OPENAI_*) or vllm (vLLM in-process, PICE_VLLM_*); see pice.cloud.backends
     cloud_backend: Literal["local", "openai", "vllm"] = "local"
-    quantization: Literal["int8"] | None = None  # engine: dynamic int8 linear layers
+    # engine weights: None = the GGUF's own quantized tensors for GGUF models, else float;
+    # "none" = float even from a GGUF; "int8"/"int4" weight-only (per 32 values one scale)
+    quantization: Literal["gguf", "int8", "int4", "none"] | None = None
     kv_cache_gb: float = Field(1.0, gt=0, le=1024)  # engine: KV-cache pool per model
     lora_max_rank: int = Field(64, ge=1, le=128)  # engine: largest LoRA adapter rank accepted
     lora_slots: int = Field(8, ge=1, le=4096)  # engine: adapters resident on the device at once

@@ -17,7 +17,12 @@ class EngineConfig:
     max_num_batched_tokens: int = 4096  # tokens per step (prefill budget)
     max_model_len: int = 4096  # prompt + completion per sequence
     dtype: str = "auto"  # auto (float32 on CPU, bfloat16 on CUDA) | float32 | bfloat16 | float16
-    quantization: str | None = None  # None | "int8" (dynamic int8 linear layers, CPU)
+    # weights: None = auto (the GGUF's own quantized tensors when `gguf` is set, else float
+    # `dtype`) | "none" (float, even from a GGUF) | "gguf" | "int8" / "int4" (weight-only, per
+    # 32 values one scale, quantized on load); quantized weights run on the CPU only
+    quantization: str | None = None
+    gguf: str | None = None  # GGUF file with the weights (`model` then needs config + tokenizer)
+    kv_cache_dtype: str = "auto"  # auto (float16 with quantized weights, else dtype) | a dtype
     prefix_caching: bool = True
     cpu_kernels: bool = True  # fp32 CPU decode through pice's AVX2 linear kernel (if it builds)
     device: str = "auto"  # auto (cuda when present, else cpu) | cpu | cuda | cuda:N
@@ -42,16 +47,31 @@ class EngineConfig:
              f"({self.max_model_len}) so that any admitted prompt fits one step"),
             (self.dtype in ("float32", "bfloat16", "float16"),
              f"dtype must be float32, bfloat16 or float16, got {self.dtype!r}"),
-            (self.quantization in (None, "int8"),
-             f"quantization must be None or 'int8', got {self.quantization!r}"),
+            (self.quantization in (None, "none", "gguf", "int8", "int4"),
+             "quantization must be None, 'none', 'gguf', 'int8' or 'int4', "
+             f"got {self.quantization!r}"),
+            (self.quantization != "gguf" or self.gguf is not None,
+             "quantization 'gguf' needs a GGUF file (gguf=...)"),
+            (self.kv_cache_dtype in ("auto", "float32", "bfloat16", "float16"),
+             "kv_cache_dtype must be auto, float32, bfloat16 or float16, "
+             f"got {self.kv_cache_dtype!r}"),
             (1 <= self.lora_max_rank <= 128,
              f"lora_max_rank must be in [1, 128], got {self.lora_max_rank}"),
             (1 <= self.lora_slots <= 4096,
              f"lora_slots must be in [1, 4096], got {self.lora_slots}"),
             (self.lora_host_gb > 0, f"lora_host_gb must be > 0, got {self.lora_host_gb}"),
-            (self.quantization is None or self.device == "cpu",
-             f"int8 dynamic quantization runs on the CPU only, not on {self.device!r}"),
+            (self.weight_format == "none" or self.device == "cpu",
+             f"quantized weights run on the CPU only, not on {self.device!r}"),
         ]
         for ok, message in checks:
             if not ok:
                 raise ValueError(message)
+        if self.kv_cache_dtype == "auto":
+            self.kv_cache_dtype = "float16" if self.weight_format != "none" else self.dtype
+
+    @property
+    def weight_format(self) -> str:
+        """What the weights are in memory: none (float dtype) | gguf | int8 | int4."""
+        if self.quantization is None:
+            return "gguf" if self.gguf is not None else "none"
+        return self.quantization

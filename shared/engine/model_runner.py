@@ -3,15 +3,14 @@ KV cache, samples. Never decides anything."""
 
 from __future__ import annotations
 
-from typing import cast
-
+import numpy as np
 import torch
 
 from pice.kernels.cpu_linear import use_cpu_kernels
 from pice.kernels.paged_attention import build_metadata
 from pice.shared.engine.config import EngineConfig
 from pice.shared.engine.lora import attach_lora
-from pice.shared.engine.models import CausalLM, build_model
+from pice.shared.engine.models import build_model
 from pice.shared.engine.sampler import sample
 from pice.shared.engine.scheduler import SchedulerOutput
 from pice.shared.engine.sequence import Sequence
@@ -19,20 +18,13 @@ from pice.shared.engine.sequence import Sequence
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-# Left in fp32: the MLP down projection. Its input (the SwiGLU product) carries the "massive
-# activations" of these models in a few channels; quantizing that input per tensor wrecks it
-# (measured on Qwen2.5-0.5B: top-1 agreement with fp32 68% with it, 90% without).
-INT8_SKIP = ("down_proj",)
 
 
-def quantize_int8(model: torch.nn.Module) -> torch.nn.Module:
-    """Dynamic int8 linear layers: int8 weights per output channel, activations quantized per
-    step (fbgemm), except the INT8_SKIP projections."""
-    from torch.ao.quantization import per_channel_dynamic_qconfig, quantize_dynamic
-
-    spec = {name: per_channel_dynamic_qconfig for name, mod in model.named_modules()
-            if isinstance(mod, torch.nn.Linear) and not name.endswith(INT8_SKIP)}
-    return quantize_dynamic(model, spec, dtype=torch.qint8)
+def zeros_lazy(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+    """A zero-filled CPU tensor whose pages are mapped only when first written (numpy's
+    calloc: a large KV pool costs resident memory as sequences fill it, not up front)."""
+    width = {torch.float32: np.float32, torch.float16: np.float16, torch.bfloat16: np.uint16}
+    return torch.from_numpy(np.zeros(shape, dtype=width[dtype])).view(dtype)
 
 
 class ModelRunner:
@@ -40,15 +32,17 @@ class ModelRunner:
         self.cfg = cfg
         self.device = torch.device(cfg.device)
         self.dtype = _DTYPES[cfg.dtype]
-        self.model = build_model(cfg.model, dtype=self.dtype, device=self.device)
-        if cfg.quantization == "int8":
-            self.model = cast(CausalLM, quantize_int8(self.model))
+        self.model = build_model(cfg.model, dtype=self.dtype, device=self.device, gguf=cfg.gguf,
+                                 quantization=cfg.weight_format)
+        if cfg.weight_format != "none":
+            self.dtype = torch.float32  # activations of quantized models (norms, biases: fp32)
         elif cfg.cpu_kernels and self.device.type == "cpu" and self.dtype == torch.float32:
             use_cpu_kernels(self.model)
+        kv_dtype = _DTYPES[cfg.kv_cache_dtype]
         self.lora = attach_lora(self.model)  # inert until an adapter is in a step
         m = self.model
         per_block = 2 * m.num_layers * cfg.block_size * m.num_kv_heads * m.head_dim * \
-            self.dtype.itemsize
+            kv_dtype.itemsize
         # never more than every sequence of a full step at the longest context can hold: a small
         # model or a short context does not pin the whole kv_cache_gb budget
         most = cfg.max_num_seqs * -(-cfg.max_model_len // cfg.block_size)
@@ -56,9 +50,13 @@ class ModelRunner:
             1, min(most, int(cfg.kv_cache_gb * 2**30 // per_block)))
         shape = (self.num_blocks, cfg.block_size, m.num_kv_heads, m.head_dim)
         # kv_caches[layer] = (k, v), each [num_blocks, block_size, kv_heads, head_dim]
-        self.kv_caches = [(torch.zeros(shape, dtype=self.dtype, device=self.device),
-                           torch.zeros(shape, dtype=self.dtype, device=self.device))
+        self.kv_caches = [(self._zeros(shape, kv_dtype), self._zeros(shape, kv_dtype))
                           for _ in range(m.num_layers)]
+
+    def _zeros(self, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+        if self.device.type == "cpu":
+            return zeros_lazy(shape, dtype)
+        return torch.zeros(shape, dtype=dtype, device=self.device)
 
     def execute(self, batch: SchedulerOutput) -> tuple[list[int], list[float]]:
         """Token and log-probability per sequence, in `batch.seqs` order."""

@@ -35,12 +35,15 @@ def _tmp_dir(out_dir: Path) -> Path:
 
 
 def convert_gguf(
-    gguf_path: Path, out_dir: Path, *, sha256: str | None = None, progress: bool = True
+    gguf_path: Path, out_dir: Path, *, sha256: str | None = None, progress: bool = True,
+    weights: bool = True,
 ) -> Path:
     """Convert `gguf_path` into `out_dir` (atomically) and return `out_dir`.
 
     An `out_dir` that already holds a `pice.json` marker is returned as is. `sha256` is the
     source digest to record; when omitted it comes from the assembler's marker or is computed.
+    `weights=False` writes only the config, tokenizer and generation config: the engine reads
+    the weights from the GGUF itself, kept quantized (no dense copy, no fp32 load).
     Raises UnsupportedModelError when transformers cannot read the GGUF's architecture.
     """
     if read_convert_marker(out_dir) is not None:
@@ -57,11 +60,14 @@ def convert_gguf(
         tmp = _tmp_dir(out_dir)
         shutil.rmtree(tmp, ignore_errors=True)  # left by a run that died mid-conversion
         try:
-            chat_template = _convert_into(gguf_path, tmp, progress)
+            if weights:
+                chat_template = _convert_into(gguf_path, tmp, progress)
+            else:
+                chat_template = _convert_meta(gguf_path, tmp)
             marker = {
                 "source_filename": gguf_path.name,
                 "source_sha256": digest.lower(),
-                "dtype": "float32",
+                "dtype": "float32" if weights else "none (weights in the GGUF)",
                 "has_chat_template": chat_template,
             }
             (tmp / MARKER_NAME).write_text(json.dumps(marker, indent=2) + "\n", encoding="utf-8")
@@ -87,6 +93,24 @@ def _convert_into(gguf_path: Path, tmp: Path, progress: bool) -> bool:
     finally:
         if was_enabled:
             hf_logging.enable_progress_bar()
+
+
+def _convert_meta(gguf_path: Path, tmp: Path) -> bool:
+    """Config, tokenizer and generation config of the GGUF (no weights); True if it has a chat
+    template."""
+    from transformers import AutoConfig, AutoTokenizer, GenerationConfig
+
+    src_dir, name = str(gguf_path.parent), gguf_path.name
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(src_dir, gguf_file=name)
+        config = AutoConfig.from_pretrained(src_dir, gguf_file=name)
+    except (ValueError, NotImplementedError) as exc:
+        raise UnsupportedModelError(f"cannot convert {gguf_path}: {exc}") from exc
+    tmp.mkdir(parents=True)
+    tokenizer.save_pretrained(tmp)
+    config.save_pretrained(tmp)
+    GenerationConfig.from_model_config(config).save_pretrained(tmp)
+    return bool(getattr(tokenizer, "chat_template", None))
 
 
 def _load_and_save(gguf_path: Path, tmp: Path) -> bool:

@@ -16,7 +16,15 @@ from safetensors import safe_open
 
 from pice.shared.engine.models.base import CausalLM
 from pice.shared.engine.models.gemma3 import Gemma3ForCausalLM
+from pice.shared.engine.models.gguf_source import GGUFSource
 from pice.shared.engine.models.llama import LlamaForCausalLM, Qwen2ForCausalLM
+from pice.shared.engine.models.quantized import (
+    Requantized,
+    SafetensorsSource,
+    WeightSource,
+    build_quantized,
+    densify,
+)
 from pice.shared.errors import ModelNotFoundError, UnsupportedModelError
 
 # config.architectures[0] -> class; MODEL_TYPES is the fallback for configs without it.
@@ -56,19 +64,43 @@ def model_class(model_dir: str | Path) -> type[CausalLM]:
     return _pick_class(json.loads(config_path.read_text()))
 
 
+QUANTIZATIONS = ("none", "gguf", "int8", "int4")
+
+
 def build_model(model_dir: str | Path, dtype: torch.dtype = torch.float32,
-                device: str | torch.device = "cpu") -> CausalLM:
-    """Instantiate the architecture named by `model_dir/config.json` and load its weights."""
+                device: str | torch.device = "cpu", *, gguf: str | Path | None = None,
+                quantization: str = "none") -> CausalLM:
+    """Instantiate the architecture named by `model_dir/config.json` and load its weights:
+    from `*.safetensors` in `model_dir`, or from the `gguf` file when given. `quantization`:
+    "none" (float `dtype` weights), "gguf" (the GGUF's own quantized tensors, kept as they
+    are), "int8" / "int4" (weight-only, quantized on load). Quantized models run on the CPU in
+    float32 activations."""
     model_dir = Path(model_dir)
     cls = model_class(model_dir)
+    if quantization not in QUANTIZATIONS:
+        raise ValueError(f"quantization must be one of {QUANTIZATIONS}, got {quantization!r}")
     files = sorted(model_dir.glob("*.safetensors"))
-    if not files:
+    if quantization == "gguf" and gguf is None:
+        raise UnsupportedModelError(f"quantization 'gguf' needs a GGUF file for {model_dir}")
+    if not files and gguf is None:
         raise UnsupportedModelError(f"{model_dir} has no *.safetensors weights")
     from transformers import AutoConfig  # lazy: transformers is slow to import
 
     config = AutoConfig.from_pretrained(model_dir)
     with torch.device("meta"):
         model = cls(config)
+    if gguf is not None and (quantization != "none" or not files):
+        source: WeightSource = GGUFSource(Path(gguf), config)
+        if quantization in ("int8", "int4"):
+            source = Requantized(source, 8 if quantization == "int8" else 4)
+        model = build_quantized(model, source)
+        if quantization == "none":
+            model = densify(model, dtype).to(device)
+        return model.eval().requires_grad_(False)
+    if quantization != "none":
+        bits = 8 if quantization == "int8" else 4
+        model = build_quantized(model, Requantized(SafetensorsSource(files), bits))
+        return model.eval().requires_grad_(False)
     model = model.to(dtype=dtype).to_empty(device=device)
     model.tie_weights()
     load_safetensors(model, files)
