@@ -60,17 +60,24 @@ class LiveServer:
         self.server = uvicorn.Server(config)
         self.thread = threading.Thread(target=self.server.run, daemon=True)
 
-    def start(self, timeout: float = 120) -> None:
+    def start(self, timeout: float = 1800) -> None:
+        """Wait until the models are loaded: as long as the server is alive and says it is
+        loading (a busy machine loads slowly; that is no failure), ending early when it reports
+        a load error or its thread dies. `timeout` only guards against a hang."""
         self.thread.start()
         deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
+        while time.monotonic() < deadline and self.thread.is_alive():
             try:
-                if httpx.get(f"{self.url}/ready", timeout=2).status_code == 200:
+                r = httpx.get(f"{self.url}/ready", timeout=30)
+                if r.status_code == 200:
                     return
+                if r.json().get("status") == "failed":
+                    raise RuntimeError(f"server at {self.url} failed to load: {r.text}")
             except httpx.TransportError:
                 pass
             time.sleep(0.1)
-        raise RuntimeError(f"server at {self.url} not ready after {timeout}s")
+        raise RuntimeError(f"server at {self.url} not ready (thread alive: "
+                           f"{self.thread.is_alive()}) after {timeout}s")
 
     def stop(self) -> None:
         self.server.should_exit = True

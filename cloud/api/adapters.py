@@ -8,15 +8,16 @@ import asyncio
 import json
 import shutil
 import uuid
-from pathlib import Path
-from typing import IO, Any, Literal
+from typing import Any, Literal
 
 from fastapi import APIRouter, Depends, Request
 from fastapi.exceptions import RequestValidationError
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from starlette.datastructures import UploadFile
+from starlette.formparsers import MultiPartException
 
 from pice.cloud.adapter_catalog import ADAPTER_FILES, AdapterCard, AdapterCatalog, AdapterRecord
+from pice.cloud.api.adapter_uploads import CappedParser, body_capped, copy_capped, stage_local
 from pice.cloud.api.deps import get_catalog, get_tenant
 from pice.cloud.tenants import NAME_RE, Tenant
 from pice.shared.errors import BadRequestError, PayloadTooLargeError
@@ -24,6 +25,7 @@ from pice.shared.errors import BadRequestError, PayloadTooLargeError
 router = APIRouter(tags=["adapters"])
 
 _FILE_FIELDS = {"adapter_config": ADAPTER_FILES[0], "adapter_model": ADAPTER_FILES[1]}
+_MAX_JSON = 1 << 20  # a JSON registration body (fields and a path) is small
 
 
 class AdapterFields(BaseModel):
@@ -35,7 +37,7 @@ class AdapterFields(BaseModel):
     examples: list[str] = Field(default_factory=list, max_length=32)  # card: typical prompts
     public: bool = False  # every tenant may see and use it
     base_model: str | None = None  # edge model it applies to (default: the first edge model)
-    path: str | None = None  # JSON only: a server-local PEFT directory to copy in
+    path: str | None = Field(None, max_length=4096)  # JSON only: a server-local PEFT directory
 
 
 class AdapterOut(BaseModel):
@@ -86,43 +88,16 @@ def _fields(data: dict[str, Any]) -> AdapterFields:
         raise RequestValidationError(exc.errors()) from exc
 
 
-def _copy_capped(src: IO[bytes], dst: Path, limit: int, field: str) -> None:
-    written = 0
-    with dst.open("wb") as out:
-        while chunk := src.read(1 << 20):
-            written += len(chunk)
-            if written > limit:
-                raise PayloadTooLargeError(
-                    f"{field} is over the {limit >> 20} MiB limit (adapter_upload_mb)", field=field)
-            out.write(chunk)
-
-
-def _stage_local(fields: AdapterFields, staging: Path, roots: list[Path], limit: int) -> None:
-    """Copy the two files of a server-local directory (only under an allowed root)."""
-    assert fields.path is not None
-    src = Path(fields.path).resolve()
-    allowed = [Path(r).resolve() for r in roots]
-    if not any(src == r or src.is_relative_to(r) for r in allowed):
-        raise BadRequestError(
-            f"path {fields.path!r} is not under an allowed import directory "
-            f"(adapter_import_dirs: {[str(r) for r in allowed] or 'none configured'})",
-            field="path")
-    if not src.is_dir():
-        raise BadRequestError(f"path {fields.path!r} is not a directory", field="path")
-    for name in ADAPTER_FILES:
-        if not (src / name).is_file():
-            hint = ("; pickle (.bin) adapters are refused: save with safetensors"
-                    if name.endswith(".safetensors") and (src / "adapter_model.bin").exists()
-                    else "")
-            raise BadRequestError(f"path {fields.path!r} has no {name}{hint}", field="path")
-        with (src / name).open("rb") as f:
-            _copy_capped(f, staging / name, limit, "path")
-
-
-async def _parse(request: Request) -> tuple[AdapterFields, dict[str, UploadFile]]:
+async def _parse(request: Request, limit: int) -> tuple[AdapterFields, dict[str, UploadFile]]:
     ctype = request.headers.get("content-type", "")
     if ctype.startswith("multipart/form-data"):
-        form = await request.form(max_files=len(_FILE_FIELDS), max_fields=64)
+        body = body_capped(request, 2 * limit + (1 << 20))  # both files and the fields
+        parser = CappedParser(request, _FILE_FIELDS, body, limit)
+        try:
+            form = await parser.parse()
+        except MultiPartException as exc:
+            raise BadRequestError(f"body is not valid multipart/form-data: {exc.message}",
+                                  field="body") from None
         files: dict[str, UploadFile] = {}
         data: dict[str, Any] = {}
         for key, value in form.multi_items():
@@ -140,9 +115,10 @@ async def _parse(request: Request) -> tuple[AdapterFields, dict[str, UploadFile]
                 data[key] = value
         return _fields(data), files
     if ctype.startswith("application/json"):
+        raw = b"".join([c async for c in body_capped(request, _MAX_JSON)])
         try:
-            body = json.loads(await request.body())
-        except ValueError as exc:
+            body = json.loads(raw)
+        except (ValueError, RecursionError) as exc:
             raise BadRequestError(f"body is not valid JSON: {exc}", field="body") from exc
         if not isinstance(body, dict):
             raise BadRequestError("body must be a JSON object", field="body")
@@ -166,14 +142,14 @@ async def create_adapter(request: Request, tenant: Tenant = Depends(get_tenant),
         raise PayloadTooLargeError(f"body of {length} bytes is over twice the "
                                    f"{settings.adapter_upload_mb} MiB per-file limit",
                                    field="body")
-    fields, files = await _parse(request)
+    fields, files = await _parse(request, limit)
     catalog.check_new(tenant, fields.name, fields.base_model)  # cheap refusals first
     staging = catalog.tmp_dir / uuid.uuid4().hex
     staging.mkdir()
     try:
         if fields.path is not None:
-            await asyncio.to_thread(_stage_local, fields, staging, settings.adapter_import_dirs,
-                                    limit)
+            await asyncio.to_thread(stage_local, fields.path, staging,
+                                    settings.adapter_import_dirs, limit)
         else:
             for field, fname in _FILE_FIELDS.items():
                 upload = files.get(field)
@@ -182,7 +158,7 @@ async def create_adapter(request: Request, tenant: Tenant = Depends(get_tenant),
                 if (upload.filename or "").endswith((".bin", ".pt", ".pth", ".pkl")):
                     raise BadRequestError(f"{field}: pickle files ({upload.filename}) are "
                                           "refused; send adapter_model.safetensors", field=field)
-                await asyncio.to_thread(_copy_capped, upload.file, staging / fname, limit, field)
+                await asyncio.to_thread(copy_capped, upload.file, staging / fname, limit, field)
         card = AdapterCard(description=fields.description, examples=fields.examples)
         rec = await asyncio.to_thread(catalog.register, tenant, fields.name, staging, card,
                                       fields.public, fields.base_model)
