@@ -270,6 +270,8 @@ def add_lora_parser(bsub: Any) -> None:
                         "memory, n in --ns (default 10,100,1000,4000)")
     p.add_argument("--method", choices=["full", "diag"], default="full",
                    help="with --compressed: JD-Full or JD-Diag")
+    p.add_argument("--quality", metavar="N:STEPS", help="with --compressed: train N real "
+                   "LoRAs (STEPS each) on --model and compare compressed vs original instead")
     p.set_defaults(fn=_cmd)
 
 

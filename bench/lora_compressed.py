@@ -203,6 +203,14 @@ def _plot(r: dict[str, Any], path: Path) -> None:
 
 def cmd(args: Any) -> int:
     """`pice bench lora --compressed` (flags parsed by pice.bench.lora)."""
+    if args.quality:
+        from pice.bench.lora_compressed_quality import quality_table, run_quality
+
+        n, steps = (int(x) for x in args.quality.split(":"))
+        model = Path(resolve_model(args.model, args.cache_dir).path)
+        args.out.mkdir(parents=True, exist_ok=True)
+        print(quality_table(run_quality(model, args.out, n=n, steps=steps)))
+        return 0
     kw: dict[str, Any] = {"model": args.model, "tiny": args.tiny, "threads": args.threads,
                           "cache_dir": args.cache_dir, "out_dir": args.out,
                           "method": args.method}

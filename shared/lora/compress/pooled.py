@@ -60,6 +60,7 @@ class CompressedPool:
                     continue  # removed meanwhile, or in use: it stays as it was
                 self.buffers.sigma.add(name, kind, rank, cores)
                 entry.basis, entry.store = f"~basis/{cid}@{gen}", root
+                entry.uid = self._new_uid()  # other weights now: no cached prefix reuse
                 done.append(name)
         return done
 
@@ -68,6 +69,11 @@ class CompressedPool:
         if self.buffers is not None:
             self.buffers.sigma.remove(name)
         entry.basis = entry.store = None
+        entry.uid = self._new_uid()
+
+    def _new_uid(self) -> int:
+        self._next_uid += 1
+        return self._next_uid - 1
 
     def _drop_basis(self, name: str) -> None:
         import heapq
