@@ -61,13 +61,15 @@ class ServeSettings(BaseSettings):
     body_timeout_s: float = Field(30.0, gt=0, le=3600)
     keep_alive_s: int = Field(5, ge=1, le=3600)
     ws_ping_s: float = Field(20.0, gt=0, le=3600)
-    # per client: generation requests (chat, progressive) running at once per tenant (per client
-    # address when no API keys are set); over it → 429 with Retry-After
+    # generation requests (chat, progressive) running at once per tenant; over it → 429 with
+    # Retry-After
     max_streams_per_client: int = Field(16, ge=1, le=100_000)
-    # per API key (per client address when none): token bucket of rate_limit_burst requests,
+    # per API key (a missing or invalid key: per client address): token bucket of burst requests,
     # refilled at rate_limit_rps per second; over it → 429 with Retry-After; 0 → no limit
     rate_limit_rps: float = Field(20.0, ge=0, le=1e6)
     rate_limit_burst: int = Field(40, ge=1, le=1_000_000)
+    # with no API keys (an open server) both limits apply per client address only when set
+    limit_open_clients: bool = False
     # ensemble expansion: quality guard and the distilled expansion adapter
     guard: bool = True  # re-expand empty, cut-off and low-scoring points in the cloud
     guard_threshold: float = Field(0.4, ge=0.0, le=1.0)  # selection score below → repair

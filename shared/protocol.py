@@ -166,7 +166,8 @@ class HubTasks(BaseModel):
 
 
 class HubCancel(BaseModel):
-    """Hub → agent: drop a batch (its request ended or its points moved elsewhere)."""
+    """Hub → agent: drop a batch (its request ended, or its points moved elsewhere: the edge
+    failed or missed the batch's deadline); the agent stops its work and sends nothing more."""
 
     model_config = ConfigDict(extra="forbid")
     type: Literal["cancel"] = "cancel"

@@ -59,7 +59,8 @@ def create_app(settings: ServeSettings, builder: Builder) -> FastAPI:
     install_error_handlers(app, lambda status: metrics.errors.labels(str(status)).inc())
     app.add_middleware(RequestLimits, tenants=app.state.tenants, metrics=metrics,
                        rate=settings.rate_limit_rps, burst=settings.rate_limit_burst,
-                       max_streams=settings.max_streams_per_client)
+                       max_streams=settings.max_streams_per_client,
+                       limit_open_clients=settings.limit_open_clients)
     metrics.runtime.watch(lambda: app.state.pipeline,
                           lambda: getattr(app.state, "connection_bounds", None))
     for router in (chat.router, progressive.router, adapters.router):  # tenants' API: keys

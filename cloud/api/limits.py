@@ -1,7 +1,8 @@
 """Per-request bounds and bookkeeping, as one ASGI middleware around the app: a token bucket per
-API key (per client address without one) and a cap on concurrent generation requests per tenant
-(per client address when the server is open), both answered 429 with Retry-After; the in-flight
-gauge per endpoint; and one structured (JSON) access-log line per request."""
+API key and a cap on concurrent generation requests per tenant, both answered 429 with
+Retry-After (requests with a missing or invalid key count against their client address; an open
+server, with no keys, limits per client address only when `limit_open_clients` is set); the
+in-flight gauge per endpoint; and one structured (JSON) access-log line per request."""
 
 from __future__ import annotations
 
@@ -57,12 +58,14 @@ class TokenBuckets:
 
 class RequestLimits:
     def __init__(self, app: ASGIApp, tenants: TenantRegistry, metrics: Metrics,
-                 rate: float, burst: int, max_streams: int) -> None:
+                 rate: float, burst: int, max_streams: int,
+                 limit_open_clients: bool = False) -> None:
         self.app = app
         self.tenants = tenants
         self.metrics = metrics
         self.buckets = TokenBuckets(rate, burst)
         self.max_streams = max_streams
+        self.limited = not tenants.open or limit_open_clients  # whether any limit applies
         self.streams: dict[str, int] = {}  # running generation requests per tenant/client
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -84,9 +87,12 @@ class RequestLimits:
                 seen["ttfb_s"] = round(time.perf_counter() - start, 6)
             await send(msg)
 
-        refusal = self._refusal(path, method, key_id or f"ip:{client}",
-                                tenant if tenant and not self.tenants.open else f"ip:{client}")
-        stream_key = None if refusal else self._stream_key(path, method, tenant, client)
+        refusal = stream_key = None
+        if self.limited:
+            refusal = self._refusal(path, method, key_id or f"ip:{client}",
+                                    tenant if tenant and not self.tenants.open
+                                    else f"ip:{client}")
+            stream_key = None if refusal else self._stream_key(path, method, tenant, client)
         gauge = self.metrics.inflight.labels(endpoint)
         gauge.inc()
         try:
