@@ -30,6 +30,8 @@ class SamplingParams:
             raise BadRequestError(f"top_p must be in (0, 1], got {self.top_p}", field="top_p")
         if self.top_k < 0:
             raise BadRequestError(f"top_k must be >= 0, got {self.top_k}", field="top_k")
+        if self.seed is not None and not -(2**63) <= self.seed < 2**64:  # a torch generator's
+            raise BadRequestError(f"seed must be in [-2^63, 2^64), got {self.seed}", field="seed")
 
     @property
     def greedy(self) -> bool:

@@ -287,6 +287,8 @@ def test_one_tenants_faults_fail_its_own_requests_only(site: tuple[str, Path],
         assert r.json()["choices"][0]["message"] == refs[i]
     for tag in ("t", "p"):  # degenerate but valid values: answered (greedy in effect)
         assert results[tag].status_code == 200, results[tag].text
+    r = chat(url, BOB, "mine", questions[0], temperature=1.0, seed=2**64)
+    assert r.status_code == 400 and r.json()["error"]["param"] == "seed", r.text
     for tag in ("o1", "o2"):  # its own overflowing adapter: a clear error, for it alone
         r = results[tag]
         assert r.status_code == 500, r.text

@@ -165,3 +165,10 @@ def test_a_sequence_whose_forward_pass_raises_fails_alone(gen: EngineGenerator) 
     assert bad.finish_reason == "error" and isinstance(bad.error, SequenceFaultError)
     assert "forward pass failed (IndexError" in str(bad.error)
     assert good.completion_ids == ref and good.finish_reason == "length"
+
+
+@pytest.mark.parametrize("seed", [2**64, -(2**63) - 1, 10**30])
+def test_seeds_a_generator_cannot_take_are_refused(seed: int) -> None:
+    with pytest.raises(BadRequestError, match="seed must be in") as err:
+        SamplingParams(temperature=1.0, seed=seed)
+    assert err.value.field == "seed"
