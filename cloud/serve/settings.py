@@ -17,13 +17,13 @@ class RaySettings(BaseSettings):
     # gateway: the FastAPI app; scales on ongoing requests per replica
     gateway_min_replicas: int = Field(1, ge=1, le=1000)
     gateway_max_replicas: int = Field(4, ge=1, le=1000)
-    gateway_num_cpus: float = Field(1.0, ge=0, le=1024)
+    gateway_num_cpus: float = Field(0.5, ge=0, le=1024)  # defaults fit a 2-core machine
     gateway_max_ongoing: int = Field(256, ge=1, le=100_000)  # requests a replica holds at once
     gateway_target_ongoing: float = Field(64, gt=0, le=100_000)
     # cloud model: one engine or backend per replica
     cloud_min_replicas: int = Field(1, ge=0, le=1000)
     cloud_max_replicas: int = Field(4, ge=1, le=1000)
-    cloud_num_cpus: float = Field(2.0, ge=0, le=1024)
+    cloud_num_cpus: float = Field(1.0, ge=0, le=1024)
     cloud_num_gpus: float = Field(0.0, ge=0, le=64)
     cloud_max_ongoing: int = Field(32, ge=1, le=100_000)  # the engine batches these
     cloud_target_ongoing: float = Field(8, gt=0, le=100_000)
