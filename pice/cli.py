@@ -159,6 +159,15 @@ def cmd_bench_quality(args: argparse.Namespace) -> int:
 def cmd_bench_engine(args: argparse.Namespace) -> int:
     from pice.bench.engine import EngineBenchConfig, run_engine_bench
 
+    if args.peer or args.quick:
+        from pice.bench.engine_peer import PeerBenchConfig, run_peer_bench
+
+        peer = PeerBenchConfig(model=args.model, quick=args.quick, out_dir=args.out,
+                               cache_dir=args.cache_dir, threads=args.threads,
+                               decode_tokens=args.decode_tokens)
+        print(json.dumps(run_peer_bench(peer)["table"], indent=2))
+        return 0
+
     sizes = [int(b) for b in args.batch_sizes.split(",")]
     cfg = EngineBenchConfig(model=args.model, batch_sizes=sizes, decode_tokens=args.decode_tokens,
                             int8_batch_sizes=[b for b in (1, 8) if b in sizes] or sizes[:1],
@@ -293,6 +302,10 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--cache-dir", type=Path)
     e.add_argument("--threads", type=int, default=0)
     e.add_argument("--out", type=Path, default=Path("bench-results"))
+    e.add_argument("--peer", choices=["llama.cpp"],
+                   help="pice (GGUF, int8, fp32) vs llama.cpp and transformers on the same GGUF")
+    e.add_argument("--quick", action="store_true",
+                   help="with --peer: llama.cpp vs pice on the GGUF, batch 1 and 8")
     e.set_defaults(fn=cmd_bench_engine)
     m = bsub.add_parser("sim", help="the four scheduler policies in the discrete-event "
                         "simulator; decision time at 10,000 edges")

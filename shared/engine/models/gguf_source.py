@@ -14,8 +14,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from pice.kernels.quant import BLOCKS, Fmt, dequantize
+from pice.kernels.quant import BLOCKS, Fmt, dequantize, row_bytes
 from pice.kernels.quant_linear import QuantWeight
+from pice.shared.engine.models.gguf_file import read_header
 from pice.shared.errors import UnsupportedModelError
 
 _LAYER = {
@@ -37,40 +38,24 @@ _GLOBAL = {"model.embed_tokens.weight": "token_embd.weight", "lm_head.weight": "
 _LAYER_NAME = re.compile(r"^model\.layers\.(\d+)\.(.+)\.(weight|bias)$")
 
 
-def gguf_architecture(path: Path) -> str:
-    from gguf import GGUFReader
-
-    return _field(GGUFReader(str(path)), "general.architecture")
-
-
-def _field(reader: Any, key: str) -> str:
-    field = reader.fields.get(key)
-    if field is None:
-        raise UnsupportedModelError(f"GGUF has no {key}")
-    return bytes(field.parts[-1]).decode()
-
-
 class GGUFSource:
     separate_head = True  # llama.cpp stores (and uses) output.weight even for tied models
 
     def __init__(self, path: Path, config: Any) -> None:
-        from gguf import GGUFReader
-
         self.path = Path(path)
-        reader = GGUFReader(str(self.path))  # header only: tensor bytes are read on demand
-        self.arch = _field(reader, "general.architecture")
+        header = read_header(self.path)  # tensor bytes are read on demand
+        self.arch = header.architecture
         # name -> (format, shape [rows, k] in torch order, absolute file offset, bytes)
         self.tensors: dict[str, tuple[Fmt, tuple[int, ...], int, int]] = {}
-        for t in reader.tensors:
+        for t in header.tensors.values():
             try:
-                fmt = Fmt(int(t.tensor_type))
+                fmt = Fmt(t.ggml_type)
             except ValueError:
                 raise UnsupportedModelError(
-                    f"GGUF tensor {t.name} has type {t.tensor_type.name}; supported: "
+                    f"GGUF tensor {t.name} has ggml type {t.ggml_type}; supported: "
                     f"{', '.join(f.name for f in BLOCKS)}") from None
-            shape = tuple(int(d) for d in reversed(t.shape.tolist()))
-            self.tensors[t.name] = (fmt, shape, int(t.data_offset), int(t.n_bytes))
-        del reader
+            rows = int(np.prod(t.shape[:-1])) if len(t.shape) > 1 else 1
+            self.tensors[t.name] = (fmt, t.shape, t.offset, rows * row_bytes(fmt, t.shape[-1]))
         self.layer_map = {**_LAYER, **_LAYER_BY_ARCH.get(self.arch, _DEFAULT_LAYER)}
         self.heads = int(config.num_attention_heads)
         self.kv_heads = int(config.num_key_value_heads)

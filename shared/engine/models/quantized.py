@@ -170,3 +170,22 @@ def densify(model: CausalLM, dtype: torch.dtype) -> CausalLM:
             lin.bias.copy_(mod.bias)
         model.get_submodule(owner).register_module(leaf, lin)
     return cast(CausalLM, model.to(dtype))
+
+
+def step_bytes(model: nn.Module) -> int:
+    """Weight bytes one decode step reads: every matrix once (quantized or float), the
+    embedding table only where it doubles as the LM head (else one row per token)."""
+    seen: set[int] = set()
+    total = 0
+    embed = getattr(getattr(model, "model", None), "embed_tokens", None)
+    for mod in model.modules():
+        tensors: list[torch.Tensor] = list(mod.parameters(recurse=False))  # norms, biases...
+        if isinstance(mod, QuantLinear):
+            tensors += [s.data for s in mod.segments]
+        elif mod is embed and embed is not None:
+            tensors = []
+        for t in tensors:
+            if id(t) not in seen:
+                seen.add(id(t))
+                total += t.numel() * t.element_size()
+    return total
