@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import resource
 import time
 from collections.abc import Callable
 from typing import Any
@@ -45,6 +46,11 @@ from pice.shared.sampling import SamplingParams
 from pice.shared.worker import CLOUD_WORKER_ID
 
 log = logging.getLogger(__name__)
+
+
+def peak_rss_gb() -> float:
+    """This process's peak resident memory so far (Linux reports ru_maxrss in KiB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
 
 
 def set_threads(threads: int) -> None:
@@ -89,7 +95,8 @@ def run_edge_agent(cfg: AgentConfig, settings: ServeSettings, progress: bool = T
             except PiceError as exc:
                 log.warning("expander adapter for %s not loaded: %s", spec, exc)
     agent = EdgeAgent(cfg, workers)
-    log.info("edge %s: %.1f tokens/s on %s", cfg.edge_id, agent.measure(), cfg.models[0])
+    log.info("edge %s: %.1f tokens/s on %s; peak RSS %.2f GB", cfg.edge_id, agent.measure(),
+             cfg.models[0], peak_rss_gb())
     return asyncio.run(agent.run())
 
 
@@ -108,6 +115,8 @@ def build_pipeline(settings: ServeSettings, metrics: Metrics, progress: bool = T
     cloud = cloud or cloud_generator(settings, get, progress)
     workers = [EdgeWorker(f"edge-{i}", get(spec)) for i, spec in enumerate(settings.edge_models)
                if settings.local_edges]
+    log.info("models loaded (%s); peak RSS %.2f GB", ", ".join(loaded) or "none",
+             peak_rss_gb())
     policy = PolicyConfig(default_max_points=settings.default_max_points,
                           words_per_point=settings.words_per_point,
                           point_tokens=settings.point_tokens)
