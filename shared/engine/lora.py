@@ -90,7 +90,7 @@ class LayerLora:
         if batch is None or buffers is None or group not in batch.groups:
             return
         a, bs = buffers.group(self.layer, group)
-        cores = batch.cores[self.layer][group] if batch.cores is not None else None
+        cores = batch.cores[self.layer].get(group) if batch.cores is not None else None
         if batch.decode is not None:
             bgmv_(y, x, a, bs, batch.decode, cores)
         else:

@@ -89,6 +89,7 @@ class SigmaTable:
     def __init__(self, shape: ModelShape, dtype: torch.dtype, device: torch.device) -> None:
         self.shape, self.dtype, self.device = shape, dtype, device
         self.rank = 0
+        self.groups: set[str] = set()
         self.rows: dict[str, tuple[str, int]] = {}  # name -> (kind "full" | "diag", row)
         self.cap = {"full": 0, "diag": 0}
         self.free: dict[str, list[int]] = {"full": [], "diag": []}
@@ -99,16 +100,17 @@ class SigmaTable:
         return sum(t.nbytes for kind in self.tables.values() for layer in kind
                    for t in layer.values())
 
-    def _alloc(self, kind: str, cap: int, rank: int) -> None:
+    def _alloc(self, kind: str, cap: int, rank: int, groups: set[str]) -> None:
         old, old_cap, old_rank = self.tables[kind], self.cap[kind], self.rank
         new: list[dict[str, torch.Tensor]] = []
+        dims = 2 if kind == "full" else 1
         for layer in range(self.shape.num_layers):
             per: dict[str, torch.Tensor] = {}
-            for group, projs in GROUPS.items():
-                dims = (rank, rank) if kind == "full" else (rank,)
-                t = torch.zeros(cap, len(projs), *dims, dtype=self.dtype, device=self.device)
-                if old:
-                    cut = (slice(0, old_cap), slice(None)) + (slice(0, old_rank),) * len(dims)
+            for group in (g for g in GROUPS if g in groups):
+                t = torch.zeros(cap, len(GROUPS[group]), *(rank,) * dims, dtype=self.dtype,
+                                device=self.device)
+                if old and group in old[layer]:
+                    cut = (slice(0, old_cap), slice(None)) + (slice(0, old_rank),) * dims
                     t[cut] = old[layer][group]
                 per[group] = t
             new.append(per)
@@ -117,16 +119,18 @@ class SigmaTable:
     @torch.no_grad()
     def add(self, name: str, kind: str, rank: int,
             cores: dict[tuple[int, str], torch.Tensor]) -> None:
-        """cores[(layer, proj)]: [r, r] (full) or [r] (diag), r <= rank."""
+        """cores[(layer, proj)]: [r, r] (full) or [r] (diag), r <= rank. Only the groups some
+        compressed adapter targets are allocated."""
         self.remove(name)
-        if rank > self.rank:
+        groups = self.groups | {GROUP_OF[proj][0] for _, proj in cores}
+        if rank > self.rank or groups != self.groups:
             for k in ("full", "diag"):
                 if self.cap[k]:
-                    self._alloc(k, self.cap[k], rank)
-            self.rank = rank
+                    self._alloc(k, self.cap[k], max(rank, self.rank), groups)
+            self.rank, self.groups = max(rank, self.rank), groups
         if not self.free[kind]:
             cap = self.cap[kind]
-            self._alloc(kind, max(16, 2 * cap), self.rank)
+            self._alloc(kind, max(16, 2 * cap), self.rank, self.groups)
             self.free[kind] = list(range(cap, self.cap[kind]))[::-1]
         row = self.free[kind].pop()
         for (layer, proj), core in cores.items():
@@ -158,7 +162,7 @@ class SigmaTable:
         out = []
         for layer in range(self.shape.num_layers):
             per = {}
-            for group in GROUPS:
+            for group in self.groups:
                 f = self.tables["full"][layer][group][fr] if full else empty
                 d = self.tables["diag"][layer][group][dr] if diag else empty
                 per[group] = Cores(fp, f, dp, d)
