@@ -11,11 +11,12 @@ import contextlib
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Protocol
 
 from pice.cloud.edge_base import EdgeLost, EdgeStats, SlotGate
+from pice.cloud.edge_groups import GroupRegistry
 from pice.cloud.edge_pool import ResultKey, result_key
 from pice.cloud.edge_tokens import EdgeTokenStore, TokenRecord
 from pice.scheduler.state import EdgeState
@@ -24,6 +25,7 @@ from pice.shared.protocol import (
     AGENT_PROTOCOL_VERSION,
     AgentBatchDone,
     AgentDrain,
+    AgentGroupReady,
     AgentHeartbeat,
     AgentPong,
     AgentRegister,
@@ -31,6 +33,7 @@ from pice.shared.protocol import (
     ExpansionResult,
     ExpansionTask,
     HubCancel,
+    HubGroupPlan,
     HubPing,
     HubTasks,
     HubWelcome,
@@ -76,19 +79,22 @@ class RemoteEdge:
         self.batches: dict[str, _Batch] = {}
         self.pings: dict[int, float] = {}  # ping seq → when it was sent (monotonic)
         self._send_lock = asyncio.Lock()
+        self.group = reg.group.name if reg.group is not None else None  # edge group it is in
+        self.group_ok: Callable[[], bool] = lambda: True  # its group serves with it as head
 
     def state(self) -> EdgeState:
         return EdgeState(self.edge_id, self.models, self.gate.slots, self.gate.inflight,
                          self.stats.tokens_per_s, self.stats.rtt_s, self.adapters,
                          healthy=(self.gate.closed is None and not self.draining
-                                  and not self.stats.suspect),
+                                  and not self.stats.suspect and self.group_ok()),
                          failure_rate=self.stats.failure_rate)
 
     def accepts(self, task: ExpansionTask) -> bool:
         return ((task.model is None or task.model in self.models)
                 and (task.adapter is None or task.adapter in self.adapters))
 
-    async def send(self, msg: HubTasks | HubPing | HubCancel | HubWelcome) -> None:
+    async def send(self, msg: HubTasks | HubPing | HubCancel | HubWelcome | HubGroupPlan,
+                   ) -> None:
         async with self._send_lock:
             await self.conn.send_text(encode_message(msg))
 
@@ -143,9 +149,11 @@ class EdgeHub:
         self.heartbeat_s = heartbeat_s
         self.lease_s = lease_s
         self._edges: dict[str, RemoteEdge] = {}
+        self.groups = GroupRegistry()  # edge groups (`pice edge --group`)
 
     def edges(self) -> list[RemoteEdge]:
-        return list(self._edges.values())
+        """Every agent the pool may use: a group shows as its first stage only."""
+        return [e for e in self._edges.values() if self.groups.visible(e)]
 
     def authenticate(self, authorization: str | None) -> TokenRecord | None:
         """The token record of an `Authorization: Bearer <token>` header, or None."""
@@ -171,6 +179,9 @@ class EdgeHub:
             await _close(old.conn, GOING_AWAY, "replaced by a new connection")
         edge = RemoteEdge(reg, record.token_id, conn)
         self._edges[edge.edge_id] = edge
+        if reg.group is not None:
+            edge.group_ok = lambda: self.groups.healthy(edge)
+            self.groups.join(edge, reg.group, reg.models[0])
         log.info("edge %s registered: models=%s slots=%d tokens/s=%.1f", edge.edge_id,
                  list(edge.models), reg.slots, reg.tokens_per_s)
         pinger = asyncio.create_task(self._ping(edge))
@@ -196,6 +207,7 @@ class EdgeHub:
         finally:
             pinger.cancel()
             edge.lose(reason)
+            self.groups.leave(edge, reason)
             if self._edges.get(edge.edge_id) is edge:
                 del self._edges[edge.edge_id]
             log.warning("edge %s gone: %s", edge.edge_id, reason)
@@ -219,6 +231,8 @@ class EdgeHub:
                 edge.stats.tokens_per_s = msg.tokens_per_s
             if not self.tokens.is_active(edge.token_id):
                 return "token revoked"
+        elif isinstance(msg, AgentGroupReady):
+            self.groups.on_ready(edge, msg)
         elif isinstance(msg, AgentDrain):
             edge.draining = True
             for batch_id in msg.handed_back:

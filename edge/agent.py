@@ -133,11 +133,7 @@ class EdgeAgent:
     async def _session(self, ws: ClientConnection) -> bool:
         """One connection: register, then serve until it drops or a drain ends it. True when
         the hub welcomed this agent."""
-        adapters = sorted({a.name for w in self.workers.values()
-                           for a in w.generator.adapters()})
-        await self._send(ws, AgentRegister(edge_id=self.cfg.edge_id, models=self.cfg.models,
-                                           adapters=adapters, slots=self.cfg.slots,
-                                           tokens_per_s=self.tokens_per_s))
+        await self._send(ws, self.register_message())
         welcome = decode_hub_message(
             await asyncio.wait_for(ws.recv(), self.cfg.connect_timeout_s))
         if not isinstance(welcome, HubWelcome):
@@ -182,6 +178,20 @@ class EdgeAgent:
                 running = self._batches.pop(msg.batch_id, None)
                 if running is not None:
                     running.cancel()
+            else:  # edge-group messages (pice.edge.group.agent)
+                await self.on_message(ws, msg)
+
+    def register_message(self) -> AgentRegister:
+        """The first frame of a session: what this edge offers."""
+        adapters = sorted({a.name for w in self.workers.values()
+                           for a in w.generator.adapters()})
+        return AgentRegister(edge_id=self.cfg.edge_id, models=self.cfg.models,
+                             adapters=adapters, slots=self.cfg.slots,
+                             tokens_per_s=self.tokens_per_s)
+
+    async def on_message(self, ws: ClientConnection, msg: BaseModel) -> None:
+        """A hub message this agent does not handle (group plans: see GroupAgent)."""
+        log.warning("ignoring %s from the hub", type(msg).__name__)
 
     def _forget(self, batch_id: str) -> Callable[[asyncio.Task[None]], None]:
         def forget(_: asyncio.Task[None]) -> None:

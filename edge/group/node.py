@@ -74,6 +74,7 @@ class StageNode:
         self.out: socket.socket | None = None
         self.broken: str | None = "not configured"
         self.ready_epoch = -1  # newest plan this node has applied (range loaded, next dialled)
+        self.failed: tuple[int, str] = (-1, "")  # newest plan it could not apply, and why
         self._cond = threading.Condition()
         self.busy_s = 0.0  # compute time (bubble fraction = 1 - busy / wall)
         self.started = time.perf_counter()
@@ -88,10 +89,15 @@ class StageNode:
             self._cond.notify_all()
         self.events.put(("configure", cfg))
 
-    def wait_ready(self, epoch: int, timeout: float = CONNECT_DEADLINE_S) -> bool:
-        """Block until the plan `epoch` (or a newer one) is applied here."""
+    def wait_ready(self, epoch: int, timeout: float = 2 * CONNECT_DEADLINE_S) -> str | None:
+        """Block until the plan `epoch` (or a newer one) is applied here: None, or why not."""
         with self._cond:
-            return self._cond.wait_for(lambda: self.ready_epoch >= epoch, timeout=timeout)
+            self._cond.wait_for(lambda: max(self.ready_epoch, self.failed[0]) >= epoch,
+                                timeout=timeout)
+            if self.ready_epoch >= epoch:
+                return None
+            return self.failed[1] if self.failed[0] >= epoch else f"plan {epoch} not applied " \
+                f"within {timeout:g}s"
 
     def submit(self, prompt: list[int], params: SamplingParams,
                on_done: Callable[[GroupSeq], None] | None = None) -> GroupSeq:
@@ -213,7 +219,13 @@ class StageNode:
     def _handle(self, ev: tuple[Any, ...]) -> None:
         kind = ev[0]
         if kind == "configure":
-            self._apply(ev[1])
+            try:
+                self._apply(ev[1])
+            except Exception as exc:
+                with self._cond:
+                    self.failed = (ev[1].epoch, f"{type(exc).__name__}: {exc}")
+                    self._cond.notify_all()
+                raise
         elif kind == "submit":
             assert self.driver is not None
             self.driver.add(ev[1])
@@ -260,7 +272,9 @@ class StageNode:
                 self.driver = Driver(cfg.num_blocks, cfg.block_size, cfg.max_model_len,
                                      self.eos_ids, self.decode)
             self.driver.micro_batches = cfg.micro_batches or cfg.n_stages
-            self.driver.replay_all()
+            if self.driver.replay_all():
+                log.warning("group %s epoch %d: replaying %d sequence(s) from their token "
+                            "history", cfg.group, cfg.epoch, len(self.driver.ready))
         elif self.driver is not None:
             self.driver.fail_all("this member is no longer the group's first stage")
             self.driver = None

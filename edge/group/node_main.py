@@ -78,8 +78,9 @@ def main(argv: list[str] | None = None) -> int:
             node.configure(cfg)
 
             def report(epoch: int = cfg.epoch) -> None:
-                if node.wait_ready(epoch):
-                    emit({"event": "ready", "epoch": epoch})
+                problem = node.wait_ready(epoch)
+                emit({"event": "ready" if problem is None else "failed", "epoch": epoch,
+                      "error": problem})
             threading.Thread(target=report, daemon=True).start()
         elif "generate" in msg:
             g = msg["generate"]
