@@ -1,14 +1,13 @@
 """Linear layers and embeddings over quantized weights kept as GGUF blocks (see quant.py):
 the C++ kernels in csrc/quant_linear.cpp + csrc/quant/*, compiled on first use and cached,
-dispatching at run time to the best SIMD backend of this CPU (AVX2/FMA on x86-64; a portable
-path elsewhere). Where the extension cannot be built, the torch reference runs instead (weights
+dispatching at run time to the best SIMD backend of this CPU (AVX2/FMA/F16C on x86-64, NEON
+with the dot-product instructions on aarch64; a portable path elsewhere). Where the extension cannot be built, the torch reference runs instead (weights
 dequantised one layer at a time per call: slow, still correct, and logged once)."""
 
 from __future__ import annotations
 
 import functools
 import logging
-import platform
 from pathlib import Path
 from typing import Any
 
@@ -28,9 +27,7 @@ _SOURCES = [_CSRC / "quant_linear.cpp", *(_CSRC / "quant" / f"{n}.cpp"
 @functools.cache
 def load_quant_kernel() -> Any | None:
     """The compiled extension, or None where it cannot be built here."""
-    flags = ["-O3", "-fopenmp"]
-    if platform.machine() in ("aarch64", "arm64"):
-        flags.append("-march=armv8.2-a+dotprod")
+    flags = ["-O3", "-fopenmp"]  # SIMD code is enabled per file by target pragmas
     try:
         from torch.utils.cpp_extension import load
 

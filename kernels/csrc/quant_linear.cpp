@@ -16,14 +16,8 @@ using pq::QX;
 enum Backend { PORTABLE = 0, AVX2 = 1, NEON = 2 };
 
 int detect_backend() {
-#if defined(__x86_64__) || defined(_M_X64)
-  __builtin_cpu_init();
-  if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
-      __builtin_cpu_supports("f16c"))
-    return AVX2;
-#elif defined(__aarch64__)
-  return NEON;
-#endif
+  if (pq::cpu_has_avx2()) return AVX2;
+  if (pq::cpu_has_neon_dot()) return NEON;
   return PORTABLE;
 }
 
@@ -49,26 +43,13 @@ bool gemm(int fmt, const uint8_t* w, int64_t rb, int64_t n0, int64_t n1, const Q
 bool is_k_quant(int fmt) { return fmt == pq::Q4_K || fmt == pq::Q5_K || fmt == pq::Q6_K; }
 bool is_b32(int fmt) { return fmt == pq::Q4_0 || fmt == pq::Q5_0 || fmt == pq::Q8_0; }
 
-// x: [M, K] -> int8 blocks of `block` with one scale each (symmetric, round to nearest);
-// with bsum, also the int16 sums of every 16 quantized values
+// x: [M, K] -> int8 blocks (pq::quantize_acts), rows split across threads
 void quantize_rows(const float* x, int64_t M, int64_t K, int64_t block, int8_t* q, float* d,
                    int16_t* bsum) {
   const int64_t nb = K / block;
-  at::parallel_for(0, M * nb, 16, [&](int64_t lo, int64_t hi) {
-    for (int64_t i = lo; i < hi; i++) {
-      const float* xb = x + i * block; int8_t* qb = q + i * block;
-      float amax = 0.f;
-      for (int64_t k = 0; k < block; k++) amax = std::max(amax, std::fabs(xb[k]));
-      const float scale = amax / 127.f, inv = amax > 0.f ? 127.f / amax : 0.f;
-      d[i] = scale;
-      for (int64_t k = 0; k < block; k++) qb[k] = (int8_t)std::nearbyint(xb[k] * inv);
-      if (bsum != nullptr)
-        for (int64_t g = 0; g < block / 16; g++) {
-          int s = 0;
-          for (int k = 0; k < 16; k++) s += qb[g * 16 + k];
-          bsum[i * (block / 16) + g] = (int16_t)s;
-        }
-    }
+  at::parallel_for(0, M, 1, [&](int64_t lo, int64_t hi) {
+    pq::quantize_acts(x + lo * K, (hi - lo) * nb, block, q + lo * K, d + lo * nb,
+                      bsum == nullptr ? nullptr : bsum + lo * (K / 16));
   });
 }
 

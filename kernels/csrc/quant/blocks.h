@@ -77,5 +77,12 @@ bool gemm_neon(int fmt, const uint8_t* w, int64_t row_bytes, int64_t n0, int64_t
                const QX& x, float* y, int64_t ldy);
 // one row of K elements -> fp32
 bool dequant_row(int fmt, const uint8_t* src, float* dst, int64_t K);
+// activations x [M, K] -> int8 blocks of `block` values with one scale each (amax / 127,
+// round to nearest even); with bsum, also the int16 sums of every 16 quantized values
+void quantize_acts(const float* x, int64_t nblocks, int64_t block, int8_t* q, float* d,
+                   int16_t* bsum);
+// the SIMD backends this CPU can run (checked at run time)
+bool cpu_has_avx2();
+bool cpu_has_neon_dot();
 
 }  // namespace pq

@@ -2,7 +2,12 @@
 // bridge to the torch reference) and a dequantise-then-dot GEMM used where no SIMD backend
 // handles a format. Mirrors ggml's dequantize_row_* bit for bit.
 #include "blocks.h"
+#include <algorithm>
+#include <cmath>
 #include <vector>
+#if defined(__aarch64__) && defined(__linux__)
+#include <sys/auxv.h>
+#endif
 
 namespace pq {
 
@@ -97,6 +102,44 @@ bool gemm_portable(int fmt, const uint8_t* w, int64_t row_bytes, int64_t n0, int
     }
   }
   return true;
+}
+
+void quantize_acts(const float* x, int64_t nblocks, int64_t block, int8_t* q, float* d,
+                   int16_t* bsum) {
+  for (int64_t i = 0; i < nblocks; i++) {
+    const float* xb = x + i * block; int8_t* qb = q + i * block;
+    float amax = 0.f;
+    for (int64_t k = 0; k < block; k++) amax = std::max(amax, std::fabs(xb[k]));
+    const float inv = amax > 0.f ? 127.f / amax : 0.f;
+    d[i] = amax / 127.f;
+    for (int64_t k = 0; k < block; k++) qb[k] = (int8_t)std::nearbyint(xb[k] * inv);
+    if (bsum != nullptr)
+      for (int64_t g = 0; g < block / 16; g++) {
+        int s = 0;
+        for (int k = 0; k < 16; k++) s += qb[g * 16 + k];
+        bsum[i * (block / 16) + g] = (int16_t)s;
+      }
+  }
+}
+
+bool cpu_has_avx2() {
+#if defined(__x86_64__) || defined(_M_X64)
+  __builtin_cpu_init();
+  return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
+         __builtin_cpu_supports("f16c");
+#else
+  return false;
+#endif
+}
+
+bool cpu_has_neon_dot() {
+#if defined(__aarch64__) && defined(__linux__)
+  return (getauxval(AT_HWCAP) & (1UL << 20)) != 0;  // HWCAP_ASIMDDP: sdot/udot
+#elif defined(__aarch64__)
+  return true;
+#else
+  return false;
+#endif
 }
 
 }  // namespace pq
