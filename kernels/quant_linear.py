@@ -1,8 +1,9 @@
 """Linear layers and embeddings over quantized weights kept as GGUF blocks (see quant.py):
 the C++ kernels in csrc/quant_linear.cpp + csrc/quant/*, compiled on first use and cached,
 dispatching at run time to the best SIMD backend of this CPU (AVX2/FMA/F16C on x86-64, NEON
-with the dot-product instructions on aarch64; a portable path elsewhere). Where the extension cannot be built, the torch reference runs instead (weights
-dequantised one layer at a time per call: slow, still correct, and logged once)."""
+with the dot-product instructions on aarch64; a portable path elsewhere). Where the extension
+cannot be built, the torch reference runs instead (weights dequantised one layer at a time per
+call: slow, still correct, and logged once)."""
 
 from __future__ import annotations
 
