@@ -75,12 +75,13 @@ def _batch(pairs: list[tuple[list[int], list[int]]]) -> tuple[torch.Tensor, ...]
     return ids, mask, labels
 
 
-def train(model_dir: Path, out: Path, n: int, steps: int, seed: int,
-          questions: list[str]) -> list[tuple[str, Path]]:
+def train(model_dir: Path, out: Path, n: int, steps: int, seed: int, questions: list[str],
+          last_layers: int) -> list[tuple[str, Path]]:
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(model_dir)
+    layers = json.loads((model_dir / "config.json").read_text())["num_hidden_layers"]
     tasks = _tasks()[:n]
     todo = [(i, t) for i, t in enumerate(tasks) if not (out / f"task{i:02d}-{t[0]}" /
                                                         "adapter_model.safetensors").exists()]
@@ -89,10 +90,11 @@ def train(model_dir: Path, out: Path, n: int, steps: int, seed: int,
     for i, (name, fn) in tqdm(todo, desc="train LoRAs", unit="adapter"):
         torch.manual_seed(seed * 1000 + i)  # its own initialisation (A) and batch order
         cfg = LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"],
+                         layers_to_transform=list(range(layers - last_layers, layers)),
                          lora_dropout=0.0, task_type="CAUSAL_LM")
         model = get_peft_model(base, cfg)
         data = _data(tok, fn, questions)
-        opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=2e-3)
+        opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=5e-3)
         model.train()
         for _ in range(steps):
             idx = torch.randperm(len(data))[:4].tolist()
@@ -117,7 +119,8 @@ def _eval(model: Any, batch: tuple[torch.Tensor, ...]) -> tuple[float, torch.Ten
 
 
 def run_quality(model_dir: Path, out_dir: Path, n: int = 24, steps: int = 40,
-                seed: int = 0, budget: float = 0.3) -> dict[str, Any]:
+                seed: int = 0, budget: float = 0.3, last_layers: int = 4,
+                held_out: int = 10) -> dict[str, Any]:
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -127,16 +130,18 @@ def run_quality(model_dir: Path, out_dir: Path, n: int = 24, steps: int = 40,
 
     qs = [json.loads(x)["question"] for x in
           (Path(__file__).parent / "questions.jsonl").read_text().splitlines() if x.strip()]
-    train_q, test_q = qs[:60], qs[60:]
+    train_q, test_q = qs[:60], qs[60:60 + held_out]
     work = out_dir / "lora_cq"
     t0 = time.perf_counter()
-    ads = train(model_dir, work, n, steps, seed, train_q)
+    ads = train(model_dir, work, n, steps, seed, train_q, last_layers)
     train_s = time.perf_counter() - t0
     shape = shape_from_config(model_dir)
     sources = [Source(name, path) for name, path in ads]
     stores = {}
     for label, b in (("budget", budget), ("forced", 1e9)):
-        cfg = CompressConfig(budget=b, ranks=[8, 16, 32, 64], clusters=[1, 2, 4, 6])
+        # ranks below the adapters' total rank (n x 8): a basis cannot just hold them all
+        cfg = CompressConfig(budget=b, ranks=[r for r in (8, 16, 32) if r < 8 * n],
+                             clusters=[1, 2, 4])
         stores[label] = (work / f"store-{label}",
                          compress(sources, shape, work / f"store-{label}", cfg))
     tok = AutoTokenizer.from_pretrained(model_dir)
@@ -164,6 +169,8 @@ def run_quality(model_dir: Path, out_dir: Path, n: int = 24, steps: int = 40,
             base = model.unload()
         rows.append(row)
     result = {"model": str(model_dir), "adapters": n, "train_steps": steps,
+              "lora": f"r=8 alpha=16 q_proj,v_proj, last {last_layers} layers",
+              "held_out": len(test_q),
               "train_seconds": train_s, "budget": budget, "rows": rows,
               "stores": {k: m["totals"] | {"clusters_detail": {
                   c: {"rank": v["rank"], "members": len(v["members"])}
