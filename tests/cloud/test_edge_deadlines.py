@@ -63,19 +63,26 @@ def setup(sketch_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> I
     s.server.stop()
 
 
+def ids(edge: ScriptedEdge) -> set[str]:
+    return {b.batch_id for b in edge.batches}
+
+
 def test_stalled_edge_points_go_to_the_cloud_and_it_is_cancelled_and_avoided(
         setup: Setup) -> None:
     with setup.edge("mute-a") as mute:
         answer = setup.ask()  # before deadlines: waited forever
         assert {s["worker"] for s in answer["sections"]} == {CLOUD_WORKER_ID}
-        assert len(mute.batches) == 1
-        wait_for("the cancel of the stalled batch",
-                 lambda: mute.cancelled == [mute.batches[0].batch_id])
+        sent = len(mute.batches)  # one batch per point, or one for all (the sketch streams)
+        assert sent >= 1
+        wait_for("the cancel of every stalled batch", lambda: set(mute.cancelled) == ids(mute))
         view = edges(setup.server.url)["mute-a"]
-        assert view["deadlines_missed"] == 1 and view["suspect"] and not view["healthy"]
+        assert view["deadlines_missed"] == sent and view["suspect"] and not view["healthy"]
         assert view["failure_rate"] > 0
+        metrics = httpx.get(f"{setup.server.url}/metrics", timeout=30).text
+        assert f"pice_edge_deadlines_missed_total {float(sent)}" in metrics
+        assert 'pice_edges{kind="remote",state="suspect"} 1.0' in metrics
         again = setup.ask(sections=False)  # placement avoids the suspect edge: no live edge
-        assert again["reason"] == "no edge worker available" and len(mute.batches) == 1
+        assert again["reason"] == "no edge worker available" and len(mute.batches) == sent
     assert mute.error is None
 
 
@@ -86,10 +93,10 @@ def test_stalled_edge_points_move_to_a_live_edge(setup: Setup, sketch_model_dir:
     with setup.edge("mute-b") as mute, setup.edge("good", worker, tokens_per_s=0.01) as good:
         answer = setup.ask()
         assert {s["worker"] for s in answer["sections"]} == {"good"}
-        assert len(mute.batches) == 1 and len(good.batches) >= 1
+        assert mute.batches and good.batches
         moved = {(t.index, t.candidate) for b in good.batches for t in b.tasks}
-        assert moved == {(t.index, t.candidate) for t in mute.batches[0].tasks}
-        wait_for("the cancel", lambda: mute.cancelled == [mute.batches[0].batch_id])
+        assert moved >= {(t.index, t.candidate) for b in mute.batches for t in b.tasks}
+        wait_for("the cancels", lambda: set(mute.cancelled) == ids(mute))
         assert edges(setup.server.url)["good"]["deadlines_missed"] == 0
     assert mute.error is None and good.error is None
 
