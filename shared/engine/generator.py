@@ -176,14 +176,23 @@ class EngineGenerator(ChatBackedGenerator):
     def generate_iter(self, prompts: list[str], params: SamplingParams,
                       adapters: Seq[str | None] | None = None,
                       ) -> Iterator[tuple[int, Completion]]:
+        """(index, completion) as each finishes; a sequence that failed is skipped and its
+        error raised once every other one has been yielded."""
         names = self._check_adapters(adapters, len(prompts))
         finished: queue.Queue[int] = queue.Queue()
         handles = [self.submit(p, params, on_done=lambda i=i: finished.put(i),  # type: ignore[misc]
                                adapter=names[i])
                    for i, p in enumerate(prompts)]
+        failed: list[BaseException] = []
         for _ in handles:
             i = finished.get()
+            error = handles[i].error
+            if error is not None:  # one sequence's fault: the others are still delivered
+                failed.append(error)
+                continue
             yield i, self._completion(handles[i])
+        if failed:
+            raise failed[0]
 
     def stream(self, prompt: str, params: SamplingParams,
                adapter: str | None = None) -> Iterator[str]:

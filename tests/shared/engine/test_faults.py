@@ -172,3 +172,20 @@ def test_seeds_a_generator_cannot_take_are_refused(seed: int) -> None:
     with pytest.raises(BadRequestError, match="seed must be in") as err:
         SamplingParams(temperature=1.0, seed=seed)
     assert err.value.field == "seed"
+
+
+def test_a_batch_delivers_every_other_point_before_the_fault(gen: EngineGenerator,
+                                                             tmp_path: Path) -> None:
+    """An edge worker's batch mixes points (of several requests): one point's fault must not
+    swallow the others' results."""
+    gen.add_adapter("huge2", write_adapter(tmp_path / "huge2", gen.engine.pool.shape, rank=4,
+                                           alpha=8, targets=("q_proj", "v_proj"), seed=2,
+                                           std=1e19, dtype=torch.float32))
+    refs = [solo(gen, p) for p in PROMPTS]
+    got: dict[int, list[int]] = {}
+    with pytest.raises(SequenceFaultError, match="with adapter 'huge2'"):
+        for i, c in gen.generate_iter([PROMPTS[0], *PROMPTS], GREEDY,
+                                      adapters=["huge2", None, None, None, None]):
+            got[i] = c.token_ids
+    assert got == {i + 1: ref for i, ref in enumerate(refs)}
+    gen.remove_adapter("huge2")
