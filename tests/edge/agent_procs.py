@@ -17,7 +17,7 @@ import httpx
 from pice.bench.progressive_remote import die_with_parent
 from pice.cloud.edge_tokens import EdgeTokenStore
 
-WAIT_S = 180.0  # generous deadline for a process to load torch and a tiny model on a busy box
+WAIT_S = 600.0  # a hang guard, not a race: a process loading torch on a busy box may be slow
 
 
 def wait_for(what: str, check: Callable[[], Any], timeout: float = WAIT_S) -> Any:
