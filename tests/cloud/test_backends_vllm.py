@@ -11,9 +11,9 @@ import pytest
 
 pytest.importorskip("vllm")
 
-from pice.cloud.backends.vllm_backend import VLLMGenerator, VLLMSettings  # noqa: E402
-from pice.shared.hf_backend import HFGenerator  # noqa: E402
-from pice.shared.sampling import SamplingParams  # noqa: E402
+from pice.cloud.backends.vllm_backend import VLLMGenerator, VLLMSettings
+from pice.shared.hf_backend import HFGenerator
+from pice.shared.sampling import SamplingParams
 
 pytestmark = pytest.mark.vllm
 QUESTIONS = ["How can I sleep better?", "What helps me focus at work?"]
