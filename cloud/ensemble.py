@@ -82,6 +82,21 @@ def _section(r: ExpansionResult, scores: list[CandidateScore], repaired: str | N
                         candidates=[s.as_dict() for s in scores], repaired=repaired)
 
 
+class _Latest(dict[int, ExpansionTask]):
+    """Tasks by point index, each seen with the whole sketch as far as it is written when it is
+    looked up (the guard judges a point against every other point)."""
+
+    def __init__(self, tasks: dict[int, ExpansionTask], outline: list[str] | None) -> None:
+        super().__init__(tasks)
+        self.outline = outline
+
+    def __getitem__(self, index: int) -> ExpansionTask:
+        t = super().__getitem__(index)
+        if self.outline is not None and len(self.outline) > len(t.sketch):
+            return t.model_copy(update={"sketch": list(self.outline)})
+        return t
+
+
 class PointExpander:
     """Runs one answer's expansion through `dispatch` and yields one Picked per point."""
 
@@ -94,11 +109,14 @@ class PointExpander:
         self.embedder = embedder
 
     async def expand_points(self, dispatch: Dispatch, tasks: list[ExpansionTask], k: int,
-                            placement: list[str], stats: EnsembleStats) -> AsyncIterator[Picked]:
+                            placement: list[str], stats: EnsembleStats,
+                            outline: list[str] | None = None) -> AsyncIterator[Picked]:
         """`tasks`: one per point; `placement`: the scheduler's edge per point (its candidates
         go there when that edge runs their model). A point is decided once all its candidates
         are in; if the dispatch fails, points with some candidates are decided on those (the
-        exception then propagates, and the caller handles the points with none)."""
+        exception then propagates, and the caller handles the points with none). `outline`: the
+        whole sketch as it grows (eager dispatch sends points before the sketch is complete),
+        so the guard sees every other point; None → each task's own sketch."""
         candidates = ensemble_tasks(tasks, k, self.cfg.sources)
         edge_of = dict(enumerate(placement))
         where = {pos: edge_of[t.index] for pos, t in enumerate(candidates) if t.index in edge_of}
@@ -106,7 +124,7 @@ class PointExpander:
         expected = {t.index: 0 for t in tasks}
         for t in candidates:
             expected[t.index] += 1
-        base = {t.index: t for t in tasks}
+        base = _Latest({t.index: t for t in tasks}, outline)
         arrived: dict[int, list[ExpansionResult]] = {}
         repairs: list[Repair] = []
         try:

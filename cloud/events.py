@@ -6,7 +6,17 @@ from dataclasses import dataclass, field
 
 
 @dataclass
+class PointEvent:
+    """One sketch point, the moment its line of the sketch is complete."""
+
+    index: int  # 0-based point index
+    text: str
+
+
+@dataclass
 class SketchEvent:
+    """The whole sketch, once it is complete (after every PointEvent)."""
+
     points: list[str]
 
 
@@ -38,7 +48,9 @@ class DoneEvent:
     mode: str  # "cloud" | "progressive" (what actually ran)
     reason: str  # why the scheduler (or a fallback) chose it
     sketch: list[str]
-    timings: dict[str, float]  # seconds: sketch, expansion, cloud, total, ttft
+    # seconds: sketch, expansion, cloud, edge, total, ttft (first text: a point, a section or a
+    # delta), first_section (progressive)
+    timings: dict[str, float]
     tokens: dict[str, int]  # prompt, cloud, edge
     finish_reason: str = "stop"
     sections: list[SectionEvent] = field(default_factory=list)
@@ -46,4 +58,4 @@ class DoneEvent:
     repaired: list[dict[str, object]] = field(default_factory=list)  # the quality guard's points
 
 
-Event = SketchEvent | SectionEvent | DeltaEvent | DoneEvent
+Event = PointEvent | SketchEvent | SectionEvent | DeltaEvent | DoneEvent

@@ -22,6 +22,7 @@ _EXAMPLE_A = ("1. Prepare everything the night before\n2. Wake up at a fixed tim
 _NUMBERED = re.compile(r"^\s*(?:\*\*)?(?:step\s+)?(\d{1,2})\s*[.):]\s*(?:\*\*)?\s*(.+?)\s*$", re.I)
 _BULLET = re.compile(r"^\s*[-*•]\s+(.+?)\s*$")
 _MARKUP = re.compile(r"[*_`#]+")
+_INLINE_ITEM = re.compile(r"\s+\d{1,2}[.)]\s+(?=[A-Z])")
 
 
 def sketch_messages(question: str, max_points: int, words_per_point: int,
@@ -50,25 +51,72 @@ def _clean(point: str, words_per_point: int) -> str:
     return point.strip(" .,;:-")
 
 
+def _split_inline(item: str) -> list[str]:
+    """"Prioritize tasks 2. Use tools 3. Take breaks" (several items on one line) → the items."""
+    return [p for p in _INLINE_ITEM.split(item) if p.strip()]
+
+
 def parse_sketch(text: str, max_points: int, words_per_point: int = 5,
                  min_points: int = 2) -> list[str]:
     """Points of an outline, in order; [] when fewer than `min_points` usable points came back.
 
-    Numbered lines win over bullets; extra prose is ignored; duplicates (case and punctuation
-    aside) are dropped; the list is capped at `max_points`."""
-    lines = text.splitlines()
-    found = [m.group(2) for m in map(_NUMBERED.match, lines) if m]
-    if not found:
-        found = [m.group(1) for m in map(_BULLET.match, lines) if m]
-    points: list[str] = []
-    seen: set[str] = set()
-    for raw in found:
-        point = _clean(raw, words_per_point)
-        key = re.sub(r"\W+", " ", point).strip().lower()
-        if not key or key in seen:
-            continue
-        seen.add(key)
-        points.append(point)
-        if len(points) == max_points:
-            break
-    return points if len(points) >= min_points else []
+    The first item's style (numbered or bullets) wins; extra prose is ignored; several items
+    run together on one line are split; duplicates (case and punctuation aside) are dropped; the
+    list is capped at `max_points`."""
+    stream = SketchStream(max_points, words_per_point, min_points)
+    stream.feed(text)
+    return stream.close()
+
+
+class SketchStream:
+    """The sketch parsed as it streams: `feed` text deltas and get the points whose lines just
+    completed; `close` parses the last line and returns every point ([] when too few).
+
+    The first item line fixes the style (numbered lines or bullets); lines of the other style
+    are ignored, so a point once given is never taken back."""
+
+    def __init__(self, max_points: int, words_per_point: int = 5, min_points: int = 2) -> None:
+        self.max_points = max_points
+        self.words_per_point = words_per_point
+        self.min_points = min_points
+        self.points: list[str] = []
+        self._buffer = ""
+        self._style: str | None = None  # "numbered" | "bullets", fixed by the first item
+        self._seen: set[str] = set()
+
+    @property
+    def full(self) -> bool:
+        return len(self.points) >= self.max_points
+
+    def feed(self, delta: str) -> list[str]:
+        self._buffer += delta
+        *lines, self._buffer = self._buffer.split("\n")
+        return [p for line in lines for p in self._line(line)]
+
+    def close(self) -> list[str]:
+        if self._buffer:
+            self._line(self._buffer)
+            self._buffer = ""
+        return self.points if len(self.points) >= self.min_points else []
+
+    def _line(self, line: str) -> list[str]:
+        m = _NUMBERED.match(line)
+        b = _BULLET.match(line) if m is None else None
+        if m is not None and self._style in (None, "numbered"):
+            self._style = "numbered"
+            items = _split_inline(m.group(2))
+        elif b is not None and self._style in (None, "bullets"):
+            self._style = "bullets"
+            items = [b.group(1)]
+        else:
+            return []
+        new: list[str] = []
+        for raw in items:
+            point = _clean(raw, self.words_per_point)
+            key = re.sub(r"\W+", " ", point).strip().lower()
+            if not key or key in self._seen or self.full:
+                continue
+            self._seen.add(key)
+            self.points.append(point)
+            new.append(point)
+        return new

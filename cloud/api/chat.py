@@ -23,8 +23,8 @@ from pice.cloud.api.schemas import (
     PiceReport,
     Usage,
 )
-from pice.cloud.events import DeltaEvent, DoneEvent, Event, SectionEvent
-from pice.cloud.pipeline import AnswerRequest, Pipeline
+from pice.cloud.events import DeltaEvent, DoneEvent, Event, PointEvent, SectionEvent
+from pice.cloud.pipeline import AnswerRequest, Pipeline, Plan
 from pice.cloud.tenants import Tenant
 
 router = APIRouter(tags=["openai"])
@@ -42,7 +42,7 @@ def to_answer_request(body: ChatCompletionRequest, rid: str, default_max: int,
     )
 
 
-def report(done: DoneEvent, plan: direct.Plan | None = None) -> PiceReport:
+def report(done: DoneEvent, plan: Plan | None = None) -> PiceReport:
     return PiceReport(mode=done.mode, reason=done.reason, sketch=done.sketch,
                       timings=done.timings, tokens=done.tokens,
                       adapter=plan.report(done.mode) if plan is not None else None)
@@ -56,17 +56,17 @@ async def chat_completions(body: ChatCompletionRequest, request: Request,
     rid = new_id("chatcmpl")
     req = to_answer_request(body, rid, request.app.state.settings.default_max_tokens)
     question = next(m["content"] for m in reversed(req.messages) if m["role"] == "user")
-    plan = await direct.plan_answer(body.model, body.pice.adapter, question, tenant, catalog,
-                                    pipeline)  # which model (and adapter) answers
-    direct.validate(pipeline, plan, req)  # 4xx now, before any stream starts
+    who = await direct.resolve(body.model, body.pice.adapter, question, tenant, catalog,
+                               pipeline.cloud.name, pipeline.edge_generators)  # who answers
+    plan = await pipeline.plan(req, who)  # 4xx now, before any stream starts; then one run
     model = body.model or pipeline.cloud.name
     note = access_note(request)
     note["request_id"] = rid
     if body.stream:
-        return EventSourceResponse(_stream(direct.run(pipeline, plan, req), plan, req, model,
+        return EventSourceResponse(_stream(pipeline.execute(plan), plan, req, model,
                                            note), ping=15)
     done = None
-    async for ev in direct.run(pipeline, plan, req):
+    async for ev in pipeline.execute(plan):
         if isinstance(ev, DoneEvent):
             done = ev
     assert done is not None, "pipeline ended without a DoneEvent"
@@ -93,23 +93,51 @@ def _chunk(rid: str, model: str, delta: dict[str, str], finish: str | None = Non
     return json.dumps(body)
 
 
-async def _stream(events: AsyncIterator[Event], plan: direct.Plan, req: AnswerRequest,
+class _InOrder:
+    """Progressive text in point order: the next point's "N. title" as soon as its sketch line
+    is complete, the rest of its section when that is decided."""
+
+    def __init__(self) -> None:
+        self.titles: dict[int, str] = {}
+        self.sections: dict[int, SectionEvent] = {}
+        self.next = 0
+        self.titled = False  # the next point's title is out already
+
+    def add(self, ev: PointEvent | SectionEvent) -> list[str]:
+        if isinstance(ev, PointEvent):
+            self.titles[ev.index] = ev.text
+        else:
+            self.sections[ev.index] = ev
+        out: list[str] = []
+        while True:
+            i, sep = self.next, "" if self.next == 0 else "\n"
+            s = self.sections.pop(i, None)
+            if s is not None:
+                title = self.titles.get(i, "")
+                if self.titled and s.text.startswith(title):
+                    out.append(s.text[len(title):])
+                else:
+                    out.append(f"{' —' if self.titled else f'{sep}{i + 1}.'} {s.text}")
+                self.next, self.titled = i + 1, False
+            elif i in self.titles and not self.titled:
+                out.append(f"{sep}{i + 1}. {self.titles[i]}")
+                self.titled = True
+            else:
+                return out
+
+
+async def _stream(events: AsyncIterator[Event], plan: Plan, req: AnswerRequest,
                   model: str, note: dict[str, object]) -> AsyncIterator[str]:
     rid = req.request_id
     yield _chunk(rid, model, {"role": "assistant", "content": ""})
-    pending: dict[int, SectionEvent] = {}  # sections arrive as they finish; text goes in order
-    next_index = 0
+    order = _InOrder()  # points and sections arrive as they finish; text goes in order
     try:
         async for ev in events:
             if isinstance(ev, DeltaEvent):
                 yield _chunk(rid, model, {"content": ev.text})
-            elif isinstance(ev, SectionEvent):
-                pending[ev.index] = ev
-                while next_index in pending:
-                    s = pending.pop(next_index)
-                    sep = "" if s.index == 0 else "\n"
-                    yield _chunk(rid, model, {"content": f"{sep}{s.index + 1}. {s.text}"})
-                    next_index += 1
+            elif isinstance(ev, PointEvent | SectionEvent):
+                for text in order.add(ev):
+                    yield _chunk(rid, model, {"content": text})
             elif isinstance(ev, DoneEvent):
                 note.update(mode=ev.mode, timings=ev.timings)
                 yield _chunk(rid, model, {}, ev.finish_reason,

@@ -14,8 +14,15 @@ from pice.cloud.adapter_catalog import AdapterCatalog
 from pice.cloud.api.deps import access_note, get_catalog, get_pipeline, get_tenant, new_id
 from pice.cloud.api.errors import exception_to_response
 from pice.cloud.api.schemas import ProgressiveRequest, ProgressiveResponse, SectionOut
-from pice.cloud.events import DeltaEvent, DoneEvent, Event, SectionEvent, SketchEvent
-from pice.cloud.pipeline import AnswerRequest, Pipeline
+from pice.cloud.events import (
+    DeltaEvent,
+    DoneEvent,
+    Event,
+    PointEvent,
+    SectionEvent,
+    SketchEvent,
+)
+from pice.cloud.pipeline import AnswerRequest, Pipeline, Plan
 from pice.cloud.tenants import Tenant
 
 router = APIRouter(tags=["progressive"])
@@ -40,16 +47,16 @@ async def progressive(body: ProgressiveRequest, request: Request,
                       catalog: AdapterCatalog = Depends(get_catalog)):  # noqa: B008
     req = _answer_request(body, request.app.state.settings.default_max_tokens)
     question = next(m["content"] for m in reversed(req.messages) if m["role"] == "user")
-    plan = await direct.plan_answer(None, body.adapter, question, tenant, catalog, pipeline,
-                                    field="adapter")
-    pipeline.validate(req)
+    who = await direct.resolve(None, body.adapter, question, tenant, catalog,
+                               pipeline.cloud.name, pipeline.edge_generators, field="adapter")
+    plan = await pipeline.plan(req, who)  # admission (4xx) and the scheduler's decision
     note = access_note(request)
     note["request_id"] = req.request_id
     if body.stream:
-        return EventSourceResponse(_events(direct.run(pipeline, plan, req), plan, note),
+        return EventSourceResponse(_events(pipeline.execute(plan), plan, note),
                                    ping=15)
     done = None
-    async for ev in direct.run(pipeline, plan, req):
+    async for ev in pipeline.execute(plan):
         if isinstance(ev, DoneEvent):
             done = ev
     assert done is not None, "pipeline ended without a DoneEvent"
@@ -61,11 +68,14 @@ async def progressive(body: ProgressiveRequest, request: Request,
                                adapter=plan.report(done.mode))
 
 
-async def _events(events: AsyncIterator[Event], plan: direct.Plan,
+async def _events(events: AsyncIterator[Event], plan: Plan,
                   note: dict[str, object]) -> AsyncIterator[dict[str, str]]:
     try:
         async for ev in events:
-            if isinstance(ev, SketchEvent):
+            if isinstance(ev, PointEvent):
+                yield {"event": "point", "data": json.dumps({"index": ev.index,
+                                                             "text": ev.text})}
+            elif isinstance(ev, SketchEvent):
                 yield {"event": "sketch", "data": json.dumps({"points": ev.points})}
             elif isinstance(ev, SectionEvent):
                 yield {"event": "section", "data": json.dumps(asdict(ev))}

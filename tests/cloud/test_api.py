@@ -50,6 +50,15 @@ def test_openai_progressive_stream(server: LiveServer) -> None:
     text = "".join(c.choices[0].delta.content or "" for c in chunks)
     assert text.startswith("1. Fixed sleep schedule")
     assert "\n3. No screens late" in text
+    # the first point's title streams alone, as soon as its sketch line is complete; the rest
+    # of its section follows
+    contents = [c.choices[0].delta.content for c in chunks if c.choices[0].delta.content]
+    assert contents[0] == "1. Fixed sleep schedule"
+    titles = ["Fixed sleep schedule", "Dark quiet bedroom", "No screens late"]
+    lines = text.split("\n")
+    assert len(lines) == 3 and all(
+        line.startswith(f"{i + 1}. {t}") and line[len(f"{i + 1}. {t}"):][:1] in (":", ".")
+        for i, (line, t) in enumerate(zip(lines, titles, strict=True)))
 
 
 def test_models_list(server: LiveServer) -> None:
@@ -63,9 +72,19 @@ def test_progressive_sse_events(server: LiveServer) -> None:
             json={"question": SKETCH_QUESTIONS[0], "max_tokens": 60}) as source:
         events = [(e.event, json.loads(e.data)) for e in source.iter_sse()]
     kinds = [k for k, _ in events]
-    assert kinds == ["sketch", "section", "section", "section", "done"]
-    assert events[0][1]["points"] == ["Fixed sleep schedule", "Dark quiet bedroom",
-                                      "No screens late"]
+    # each point as its sketch line completes, the whole sketch, the sections as they are
+    # decided (eager dispatch: possibly before the sketch ends, never before their point)
+    assert kinds[0] == "point" and kinds[-1] == "done"
+    assert sorted(kinds[:-1]) == ["point"] * 3 + ["section"] * 3 + ["sketch"]
+    points = [d for k, d in events if k == "point"]
+    assert [(p["index"], p["text"]) for p in points] == [
+        (0, "Fixed sleep schedule"), (1, "Dark quiet bedroom"), (2, "No screens late")]
+    sketch = next(d for k, d in events if k == "sketch")
+    assert sketch["points"] == ["Fixed sleep schedule", "Dark quiet bedroom", "No screens late"]
+    assert kinds.index("sketch") > max(i for i, k in enumerate(kinds) if k == "point")
+    for i, (k, d) in enumerate(events):
+        if k == "section":
+            assert events.index(("point", points[d["index"]])) < i
     sections = sorted((d for k, d in events if k == "section"), key=lambda s: s["index"])
     assert [s["index"] for s in sections] == [0, 1, 2]  # each arrives when done, any order
     assert all(s["worker"] == "edge-0" and s["logprob"] <= 0 for s in sections)

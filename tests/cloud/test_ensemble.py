@@ -62,7 +62,7 @@ def test_each_point_gets_one_candidate_per_model_and_the_best_wins(
                          guard=GuardConfig(enabled=False))
     metrics = Metrics()
     pipeline = Pipeline(cloud, EdgePool([EdgeWorker("ea", a), EdgeWorker("eb", b)]),
-                        PolicyConfig(), metrics, ensemble=cfg)
+                        PolicyConfig(), metrics, ensemble=cfg, eager=False)  # one dispatch
     events = run(pipeline, k=3)  # more than there are sources: capped at 2
     sections = [e for e in events if isinstance(e, SectionEvent)]
     done = events[-1]
@@ -90,7 +90,7 @@ def test_k_one_runs_the_first_source_only(sketch_model_dir: Path, tiny_model_dir
     cfg = EnsembleConfig(sources=[Source(model=b.name), Source(model=a.name)],
                          guard=GuardConfig(enabled=False))
     pipeline = Pipeline(cloud, EdgePool([EdgeWorker("ea", a), EdgeWorker("eb", b)]),
-                        PolicyConfig(), Metrics(), ensemble=cfg)
+                        PolicyConfig(), Metrics(), ensemble=cfg, eager=False)
     events = run(pipeline, k=1)
     sections = [e for e in events if isinstance(e, SectionEvent)]
     assert a.batches == [] and b.batches == [3]
@@ -107,3 +107,27 @@ def test_tasks_pinned_by_the_client_run_alone() -> None:
         (0, 0, "m1", "x"), (0, 1, "m2", None), (1, 0, "m1", "x"), (1, 1, "m2", None)]
     pinned = t.model_copy(update={"adapter": "tenant-a"})
     assert ensemble_tasks([pinned], 2, sources) == [pinned]
+
+
+def test_ensemble_runs_on_an_idle_server_without_pinning(
+        sketch_model_dir: Path, tiny_model_dir: Path, second_edge_dir: Path) -> None:
+    """Issue 15: every section had one candidate even on an idle server. With the real
+    scheduler (no PinnedEnsemble) and an explicit progressive request, each point gets one
+    candidate per source, eager dispatch included."""
+    cloud = HFGenerator(str(sketch_model_dir), max_context=1024)
+    a, b = CountingGenerator(str(tiny_model_dir)), CountingGenerator(str(second_edge_dir))
+    cfg = EnsembleConfig(sources=[Source(model=a.name), Source(model=b.name)],
+                         guard=GuardConfig(enabled=False))
+    pipeline = Pipeline(cloud, EdgePool([EdgeWorker("ea", a), EdgeWorker("eb", b)]),
+                        PolicyConfig(), Metrics(), ensemble=cfg)
+    req = AnswerRequest("r1", [{"role": "user", "content": SKETCH_QUESTIONS[0]}], max_tokens=60,
+                        mode="progressive")
+
+    async def collect() -> list[Event]:
+        return [ev async for ev in pipeline.run(req)]
+
+    events = asyncio.run(collect())
+    done = events[-1]
+    assert isinstance(done, DoneEvent) and done.ensemble == 2
+    assert all(len(s.candidates) == 2 for s in done.sections)
+    assert sum(a.batches) == sum(b.batches) == 3

@@ -7,7 +7,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from pice.cloud.edge_pool import EdgePool
-from pice.cloud.events import DoneEvent, Event, SectionEvent, SketchEvent
+from pice.cloud.events import DoneEvent, Event, PointEvent, SectionEvent, SketchEvent
 from pice.cloud.metrics import Metrics
 from pice.cloud.pipeline import AnswerRequest, Pipeline
 from pice.edge.expander import EdgeWorker
@@ -54,7 +54,7 @@ def test_dead_edge_falls_back_to_full_cloud(sketch_model_dir: Path) -> None:
     gen = HFGenerator(str(sketch_model_dir), max_context=1024)
     pipeline = Pipeline(gen, EdgePool([DeadWorker("e0", gen)]), PolicyConfig(), Metrics())
     events = run(pipeline, SKETCH_QUESTIONS[0])
-    assert isinstance(events[0], SketchEvent)
+    assert isinstance(events[0], PointEvent) and any(isinstance(e, SketchEvent) for e in events)
     done = events[-1]
     assert isinstance(done, DoneEvent)
     assert done.mode == "cloud" and done.reason == "fallback: edge failure"
@@ -72,8 +72,9 @@ class DiesAfterOne(EdgeWorker):
 
 def test_points_of_a_dead_edge_are_expanded_in_the_cloud(sketch_model_dir: Path) -> None:
     gen = HFGenerator(str(sketch_model_dir), max_context=1024)
+    # one dispatch for the whole sketch (eager dispatch sends each point alone: batches of one)
     pipeline = Pipeline(gen, EdgePool([DiesAfterOne("e0", gen)]), PolicyConfig(), Metrics(),
-                        cloud_worker=EdgeWorker(CLOUD_WORKER_ID, gen))
+                        cloud_worker=EdgeWorker(CLOUD_WORKER_ID, gen), eager=False)
     events = run(pipeline, SKETCH_QUESTIONS[0], max_tokens=60)
     sections = [e for e in events if isinstance(e, SectionEvent)]
     assert sorted(s.index for s in sections) == [0, 1, 2]  # nothing lost, nothing twice
@@ -87,7 +88,8 @@ def test_points_of_a_dead_edge_are_expanded_in_the_cloud(sketch_model_dir: Path)
 
 def test_progressive_sections_arrive_in_order(sketch_model_dir: Path) -> None:
     gen = HFGenerator(str(sketch_model_dir), max_context=1024)
-    pipeline = Pipeline(gen, EdgePool([EdgeWorker("e0", gen)]), PolicyConfig(), Metrics())
+    pipeline = Pipeline(gen, EdgePool([EdgeWorker("e0", gen)]), PolicyConfig(), Metrics(),
+                        eager=False)  # one batch: its points finish in order
     events = run(pipeline, SKETCH_QUESTIONS[1], mode="auto", max_tokens=60)
     sections = [e for e in events if isinstance(e, SectionEvent)]
     assert [s.index for s in sections] == [0, 1, 2]

@@ -12,7 +12,9 @@ from pice.cloud.sketcher import parse_sketch, sketch_messages
     ("1. Dark room\n2. dark room.\n3. Exercise", 6, ["Dark room", "Exercise"]),  # duplicate
     ("1. a\n2. b\n3. c\n4. d\n5. e", 3, ["a", "b", "c"]),  # capped
     ("- Fixed schedule\n- Dark room", 6, ["Fixed schedule", "Dark room"]),  # bullets
-    ("1. First\n- ignored bullet\n2. Second", 6, ["First", "Second"]),  # numbered wins
+    ("1. First\n- ignored bullet\n2. Second", 6, ["First", "Second"]),  # the first style wins
+    ("Sure:\n1. Prioritize tasks 2. Use productivity tools 3. Take breaks", 6,
+     ["Prioritize tasks", "Use productivity tools", "Take breaks"]),  # run together on one line
     ("Step 1: Plan ahead\nStep 2: Sleep early", 6, ["Plan ahead", "Sleep early"]),
     ("1. Caffeine: avoid coffee after noon because it stays in your blood for many hours "
      "and keeps you awake\n2. Light", 6, ["Caffeine", "Light"]),  # run-on point keeps its head
@@ -30,3 +32,20 @@ def test_sketch_prompt_carries_length_control() -> None:
     assert "at most 4 words" in msgs[0]["content"]
     assert "between 3 and 7 points" in msgs[0]["content"]
     assert msgs[-1] == {"role": "user", "content": "Why is the sky blue?"}
+
+
+def test_stream_yields_each_point_when_its_line_completes() -> None:
+    from pice.cloud.sketcher import SketchStream
+
+    text = "Here is an outline:\n1. Keep a fixed schedule\n2. Dark, quiet room\n3. No screens late"
+    stream = SketchStream(max_points=6)
+    got = [(i, stream.feed(ch)) for i, ch in enumerate(text)]
+    firsts = [(i, pts) for i, pts in got if pts]
+    # a point comes out at the newline that ends its line, not before
+    assert [text[i] for i, _ in firsts] == ["\n", "\n"]
+    assert [pts for _, pts in firsts] == [["Keep a fixed schedule"], ["Dark, quiet room"]]
+    assert stream.close() == ["Keep a fixed schedule", "Dark, quiet room", "No screens late"]
+    capped = SketchStream(max_points=2)
+    capped.feed("1. a b\n2. c d\n3. e f\n")
+    assert capped.full and capped.close() == ["a b", "c d"]
+    assert SketchStream(max_points=6).close() == []
