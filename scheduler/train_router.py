@@ -3,8 +3,9 @@
 
 Fixed stratified split of `data/suitability.jsonl` (seed 0): 60% train (logistic regression, C
 picked by 5-fold cross-validation on train only), 20% validation (Platt scaling), 20% held out
-(reported, never fitted). The bench question set (`bench/questions.jsonl`) is scored too and
-never trained on."""
+(reported, never fitted). Two sets it is never trained on are scored too: the composed split
+`data/suitability_eval.jsonl` (made by a different method: frames x slot fillers, see
+compose_eval.py) and the bench question set (`bench/questions.jsonl`, another author)."""
 
 from __future__ import annotations
 
@@ -20,6 +21,7 @@ from pice.scheduler.router import WEIGHTS_FILE, RouterWeights, SuitabilityRouter
 from pice.shared.embeddings import DEFAULT_EMBEDDER, get_embedder
 
 DATA_FILE = "suitability.jsonl"
+EVAL_FILE = "suitability_eval.jsonl"
 SEED = 0
 
 
@@ -85,6 +87,16 @@ def train(rows: list[dict[str, Any]], bench_rows: list[dict[str, Any]],
     # (probability, label) of questions the classifier never saw: the simulator's workload mix
     mix = [(float(p), bool(y)) for p, y in zip(router.probability_from_embeddings(xs), ys,
                                                strict=True)]
+    composed = load_rows_named(EVAL_FILE)
+    if composed:
+        xc, yc = xy(composed)
+        pc = router.probability_from_embeddings(xc)
+        report["composed_eval"] = scores(yc, pc)
+        report["composed_eval_by_category"] = {
+            cat: float(np.mean([(pc[i] >= 0.5) == yc[i] for i, r in enumerate(composed)
+                                if r["category"] == cat]))
+            for cat in dict.fromkeys(r["category"] for r in composed)}
+        report["keyword_rule_composed_eval"] = _keyword_scores(composed)
     if bench_rows:
         xb, yb = xy(bench_rows)
         pb = router.probability_from_embeddings(xb)
@@ -93,6 +105,12 @@ def train(rows: list[dict[str, Any]], bench_rows: list[dict[str, Any]],
         mix += [(float(p), bool(y)) for p, y in zip(pb, yb, strict=True)]
     report["heldout_mix"] = [[round(p, 4), y] for p, y in mix]
     return RouterWeights(**{**weights.__dict__, "report": report})
+
+
+def load_rows_named(name: str) -> list[dict[str, Any]]:
+    """A packaged data file's rows ([] when it is not there)."""
+    path = resources.files("pice.scheduler").joinpath("data", name)
+    return load_rows(Path(str(path))) if path.is_file() else []
 
 
 def _keyword_scores(rows: list[dict[str, Any]]) -> dict[str, float]:
