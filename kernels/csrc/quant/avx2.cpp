@@ -69,16 +69,33 @@ void rows_b32(const uint8_t* w, const QX& x, int64_t m0, float* out) {
 }
 
 // ---- Q4_K / Q5_K: unsigned 4/5-bit weights, 8 sub-blocks of 32 with 6-bit scale and min ----
+// The 12 packed bytes -> 8 scale bytes then 8 min bytes (ggml's utmp shuffle).
+inline void unpack_k4(const uint8_t* p, uint8_t out[16]) {
+  uint32_t u[4];
+  std::memcpy(u, p, 12);
+  const uint32_t m1 = 0x3f3f3f3f, m2 = 0x0f0f0f0f, m3 = 0x03030303;
+  u[3] = ((u[2] >> 4) & m2) | (((u[1] >> 6) & m3) << 4);
+  const uint32_t mins_lo = u[1] & m1;
+  u[1] = (u[2] & m2) | (((u[0] >> 6) & m3) << 4);
+  u[2] = mins_lo;
+  u[0] &= m1;
+  std::memcpy(out, u, 16);
+}
+
 template <bool FIVE, int MR>
 void rows_q45k(const uint8_t* w, const QX& x, int64_t m0, float* out) {
   const int64_t K = x.K, nb = K / 256;
   const __m256i m4 = _mm256_set1_epi8(0xF), one = _mm256_set1_epi8(1);
-  __m256 acc[MR]; float off[MR];
-  for (int r = 0; r < MR; r++) { acc[r] = _mm256_setzero_ps(); off[r] = 0.f; }
+  __m256 acc[MR], accm[MR];
+  for (int r = 0; r < MR; r++) { acc[r] = _mm256_setzero_ps(); accm[r] = _mm256_setzero_ps(); }
   for (int64_t b = 0; b < nb; b++) {
     const uint8_t* blk = w + b * (FIVE ? 176 : 144);
     const float d = h2f(blk), dmin = h2f(blk + 2);
-    uint8_t sc[8], mn[8]; scales_k4(blk + 4, sc, mn);
+    alignas(16) uint8_t sm[16];
+    unpack_k4(blk + 4, sm);
+    // mins as int16, each twice: [m0 m0 m1 m1 ... m7 m7] against the 16 sums of 16 activations
+    const __m128i mn = _mm_cvtepu8_epi16(_mm_loadl_epi64((const __m128i*)(sm + 8)));
+    const __m256i mins = _mm256_set_m128i(_mm_unpackhi_epi16(mn, mn), _mm_unpacklo_epi16(mn, mn));
     const uint8_t* qs = blk + (FIVE ? 48 : 16);
     __m256i wv[8];
     for (int c = 0; c < 4; c++) {
@@ -98,16 +115,14 @@ void rows_q45k(const uint8_t* w, const QX& x, int64_t m0, float* out) {
       __m256i sum = _mm256_setzero_si256();
       for (int j = 0; j < 8; j++)
         sum = _mm256_add_epi32(sum, _mm256_madd_epi16(
-            _mm256_maddubs_epi16(wv[j], load(xq + 32 * j)), _mm256_set1_epi16(sc[j])));
+            _mm256_maddubs_epi16(wv[j], load(xq + 32 * j)), _mm256_set1_epi16(sm[j])));
       const float xd = x.dk[m * nb + b];
       acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sum), _mm256_set1_ps(d * xd), acc[r]);
-      const int16_t* bs = x.bsum + m * (K / 16) + b * 16;
-      int msum = 0;
-      for (int j = 0; j < 8; j++) msum += mn[j] * (bs[2 * j] + bs[2 * j + 1]);
-      off[r] += dmin * xd * (float)msum;
+      const __m256i msum = _mm256_madd_epi16(load(x.bsum + m * (K / 16) + b * 16), mins);
+      accm[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(msum), _mm256_set1_ps(dmin * xd), accm[r]);
     }
   }
-  for (int r = 0; r < MR; r++) out[r] = hsum(acc[r]) - off[r];
+  for (int r = 0; r < MR; r++) out[r] = hsum(_mm256_sub_ps(acc[r], accm[r]));
 }
 
 // ---- Q6_K: unsigned 6-bit weights minus 32, int8 scale per 16 ------------------------------
@@ -115,8 +130,8 @@ template <int MR>
 void rows_q6k(const uint8_t* w, const QX& x, int64_t m0, float* out) {
   const int64_t K = x.K, nb = K / 256;
   const __m256i m4 = _mm256_set1_epi8(0xF), m2 = _mm256_set1_epi8(3);
-  __m256 acc[MR]; float off[MR];
-  for (int r = 0; r < MR; r++) { acc[r] = _mm256_setzero_ps(); off[r] = 0.f; }
+  __m256 acc[MR];
+  for (int r = 0; r < MR; r++) acc[r] = _mm256_setzero_ps();
   for (int64_t b = 0; b < nb; b++) {
     const uint8_t* blk = w + b * 210;
     const int8_t* sc = (const int8_t*)(blk + 192);
@@ -135,22 +150,22 @@ void rows_q6k(const uint8_t* w, const QX& x, int64_t m0, float* out) {
     }
     for (int j = 0; j < 8; j++)  // values 32j..32j+31: scales sc[2j] (first 16), sc[2j+1]
       scv[j] = _mm256_set_m128i(_mm_set1_epi16(sc[2 * j + 1]), _mm_set1_epi16(sc[2 * j]));
+    // 32 * scale per 16 values, as int16, against the 16 sums of 16 activations (the -32)
+    const __m256i sc32 = _mm256_slli_epi16(
+        _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i*)sc)), 5);
     for (int r = 0; r < MR; r++) {
       const int64_t m = m0 + r;
       const int8_t* xq = x.qk + m * K + b * 256;
-      __m256i sum = _mm256_setzero_si256();
+      __m256i sum = _mm256_sub_epi32(_mm256_setzero_si256(), _mm256_madd_epi16(
+          load(x.bsum + m * (K / 16) + b * 16), sc32));
       for (int j = 0; j < 8; j++)
         sum = _mm256_add_epi32(sum, _mm256_madd_epi16(
             _mm256_maddubs_epi16(wv[j], load(xq + 32 * j)), scv[j]));
-      const float xd = x.dk[m * nb + b];
-      acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sum), _mm256_set1_ps(d * xd), acc[r]);
-      const int16_t* bs = x.bsum + m * (K / 16) + b * 16;
-      int s = 0;
-      for (int i = 0; i < 16; i++) s += sc[i] * bs[i];
-      off[r] += 32.f * d * xd * (float)s;
+      acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sum), _mm256_set1_ps(d * x.dk[m * nb + b]),
+                               acc[r]);
     }
   }
-  for (int r = 0; r < MR; r++) out[r] = hsum(acc[r]) - off[r];
+  for (int r = 0; r < MR; r++) out[r] = hsum(acc[r]);
 }
 
 // ---- F16 / BF16 weights against fp32 activations ----------------------------------------------
