@@ -148,3 +148,37 @@ def test_float_weights_from_a_gguf(gguf_model: tuple[Any, Path, Path], tmp_path:
     assert isinstance(ours.model.layers[0].mlp.down_proj, torch.nn.Linear)
     got = PagedCache(ours).step({0: PROMPT})[0]
     torch.testing.assert_close(got, hf_logits(hf, PROMPT), atol=2e-4, rtol=1e-4)
+
+
+# --------------------------------------------------------------------------------------------
+# The packaged edge model: its GGUF tensors kept quantized against the same GGUF dequantised.
+
+@pytest.mark.real_model
+def test_real_gguf_matches_its_dequantised_weights(portable: None) -> None:
+    from transformers import AutoTokenizer
+
+    from pice.shared.errors import PiceError
+    from pice.shared.models import resolve_model
+
+    try:
+        resolved = resolve_model("qwen2.5-coder-0.5b-instruct", dense=False)
+    except PiceError as e:
+        pytest.skip(f"packaged model unavailable: {e}")
+    assert resolved.gguf is not None
+    tok = AutoTokenizer.from_pretrained(resolved.path)
+    ids = tok("def reverse(s: str) -> str:\n    \"\"\"Reverse a string.\"\"\"\n")["input_ids"]
+    quant = build_model(resolved.path, gguf=resolved.gguf, quantization="gguf")
+    assert quantized_bytes(quant) < 0.6e9  # the Q4_K_M file's tensors, not 2 GB of fp32
+    dense = build_model(resolved.path, gguf=resolved.gguf, quantization="none")
+    want = PagedCache(dense).step({0: ids})[0]
+    got = PagedCache(quant).step({0: ids})[0]  # portable kernels: fp32 activations
+    assert float((got - want).abs().max()) <= 1e-3 * float(want.abs().max())
+    if kernel is not None and (best := kernel.backend()) != "portable":
+        kernel.set_backend(best)  # the SIMD kernels: int8 activations, as llama.cpp
+        cont = greedy(dense, ids, 24)
+        cache = PagedCache(quant)  # teacher-forced, one decode step (GEMV) per token
+        preds = [int(cache.step({0: ids})[0][-1].argmax())]
+        preds += [int(cache.step({0: [t]})[0][-1].argmax()) for t in cont[:-1]]
+        agree = sum(p == t for p, t in zip(preds, cont, strict=True)) / len(cont)
+        print(f"SIMD kernels: teacher-forced top-1 agreement {agree:.2f}")
+        assert agree >= 0.8
