@@ -57,11 +57,41 @@ def effective_rank(r: int, fan_in: int, fan_out: int) -> int:
     return min(r, fan_in, fan_out)
 
 
-def fit_full(a: torch.Tensor, b: torch.Tensor, r: int, iters: int = 10) -> Basis:
-    """HOOI. Starts from the exact top-r right subspace of Σ_i ΔW_iᵀ ΔW_i (deterministic)."""
+def _orth(x: torch.Tensor) -> torch.Tensor:
+    return torch.linalg.qr(x)[0]
+
+
+def _power_u(a: torch.Tensor, b: torch.Tensor, v: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """One subspace-iteration step towards the top-r left singular vectors of
+    [ΔW_i V]_i: orth(Σ_i ΔW_i V Vᵀ ΔW_iᵀ U), never forming the wide matrix."""
+    m = a @ v  # [n, R, r]
+    t = b @ (m @ (m.transpose(1, 2) @ (b.transpose(1, 2) @ u)))  # [n, out, r]
+    return _orth(t.sum(0))
+
+
+def fit_full(a: torch.Tensor, b: torch.Tensor, r: int, iters: int = 10,
+             exact: bool | None = None) -> Basis:
+    """HOOI. Small problems: exact top-r subspaces at every step, started from the top-r right
+    subspace of Σ_i ΔW_iᵀ ΔW_i. Large ones (n R well above the dimensions): two
+    subspace-iteration steps per update instead (as the reference code's svd_lowrank), from a
+    seeded random start, so no d x d Gram of n R columns is formed."""
     n, big_r, fan_in = a.shape
     fan_out = b.shape[1]
     r = effective_rank(r, fan_in, fan_out)
+    if not exact if exact is not None else n * big_r > 4 * max(fan_in, fan_out):
+        gen = torch.Generator().manual_seed(0)
+        v = _orth(torch.randn(fan_in, r, generator=gen, dtype=a.dtype))
+        u = _orth(torch.randn(fan_out, r, generator=gen, dtype=a.dtype))
+        at, bt = b.transpose(1, 2), a.transpose(1, 2)  # the transposed problem: ΔW_iᵀ = Aᵀ Bᵀ
+        btb = at @ b  # [n, R, R] = B_iᵀ B_i
+        for _ in range(2):  # V towards the top subspace of Σ ΔW_iᵀ ΔW_i
+            v = _orth((bt @ (btb @ (a @ v))).sum(0))
+        for _ in range(iters):
+            for _ in range(2):
+                u = _power_u(a, b, v, u)
+            for _ in range(2):
+                v = _power_u(at, bt, u, v)
+        return Basis(u, v)
     rb = torch.linalg.qr(b, mode="r")[1]  # [n, R, R]: ΔW_iᵀ ΔW_i = A_iᵀ R_iᵀ R_i A_i
     z = (a.transpose(1, 2) @ rb.transpose(1, 2))  # [n, in, R]
     v = _top_left(z.permute(1, 0, 2).reshape(fan_in, n * big_r), r)  # [in, r]
