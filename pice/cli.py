@@ -176,6 +176,18 @@ def cmd_bench_engine(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_bench_group(args: argparse.Namespace) -> int:
+    from pice.bench.group import GroupBenchConfig, run_group_bench
+
+    cfg = GroupBenchConfig(model=args.model, inflight=[int(n) for n in args.inflight.split(",")],
+                           decode_tokens=args.decode_tokens, cache_dir=args.cache_dir,
+                           out_dir=args.out)
+    r = run_group_bench(cfg)
+    print(json.dumps({k: r[k] for k in ("plan", "speedup_two_vs_one", "rss_share_per_stage",
+                                        "failover", "targets")}, indent=2))
+    return 0
+
+
 def cmd_bench_aas(args: argparse.Namespace) -> int:
     from pice.bench.aas import AASBenchConfig, run_aas_bench
 
@@ -369,6 +381,14 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--cache-dir", type=Path)
     t.add_argument("--threads", type=int)
     t.set_defaults(fn=cmd_train_expander)
+    g = bsub.add_parser("group", help="edge group: 1 vs 2 stage processes pinned to one core "
+                        "each (tokens/s vs sequences in flight, bubbles, RSS, failover cost)")
+    g.add_argument("--model", default=DEFAULT_EDGE_MODEL)
+    g.add_argument("--inflight", default="1,2,4,8", help="sequences in flight to measure")
+    g.add_argument("--decode-tokens", type=int, default=32)
+    g.add_argument("--cache-dir", type=Path)
+    g.add_argument("--out", type=Path, default=Path("bench-results"))
+    g.set_defaults(fn=cmd_bench_group)
     a = bsub.add_parser("aas", help="automatic adapter selection on the labeled routing set")
     a.add_argument("--resident", type=int, default=3, help="resident adapters per cache trial")
     a.add_argument("--trials", type=int, default=50, help="random resident sets per margin")
