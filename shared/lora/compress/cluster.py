@@ -140,14 +140,19 @@ def cluster(stack: Stack, k: int, method: Method, rank: int, *, rounds: int = 10
     if k == 1:
         return finish(stack, [0] * n, method, rank, iters)
     feats = []
-    for a, b in stack.modules.values():  # Σ features from one shared JD-Full basis, wide
-        # enough (k x rank) to tell the clusters' subspaces apart
-        basis = fit_full(a, b, k * rank, iters=max(2, iters // 2))
+    # Σ features from one shared JD-Full basis, wide enough (k x rank, at most 128) to tell the
+    # clusters' subspaces apart, on the middle layer's modules (as the paper picks the cluster
+    # count on a middle module): the assignment is refined on every module afterwards
+    layers = sorted({layer for layer, _ in stack.modules})
+    mid = layers[len(layers) // 2]
+    for m in [m for m in stack.modules if m[0] == mid][:4]:
+        a, b = stack.modules[m]
+        basis = fit_full(a, b, min(k * rank, 128), iters=2)
         sig = (basis.u.T @ b) @ (a @ basis.v)  # [n, kr, kr]
-        # the Grams Σ Σᵀ and Σᵀ Σ: adapters in one subspace put their energy on the same
-        # directions, while their raw Σ are unrelated (random cores in one block)
-        feats += [(sig @ sig.transpose(1, 2)).reshape(n, -1),
-                  (sig.transpose(1, 2) @ sig).reshape(n, -1)]
+        # each adapter's energy along every shared direction (row and column norms of Σ_i):
+        # adapters in one subspace load the same directions, while their raw Σ are unrelated
+        # (random cores within one block)
+        feats += [sig.pow(2).sum(2), sig.pow(2).sum(1)]
     x = torch.cat([f / f.norm(dim=1, keepdim=True).clamp_min(1e-30) for f in feats], 1)
     x = x.double() / x.norm(dim=1, keepdim=True).clamp_min(1e-30)
     assign = _kmeans(x, k, seed)
