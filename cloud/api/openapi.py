@@ -27,6 +27,8 @@ ERRORS: dict[tuple[str, str], tuple[int, ...]] = {
     ("delete", "/v1/adapters/{ref}"): (403, 404, 409, *_TENANT, *_LOADED),
     ("get", "/ready"): (503,),
 }
+# a /v1 route not in the table may answer any error the one error handler maps
+_ANY_V1 = (400, 401, 403, 404, 409, 413, 429, 503)
 _STREAMING = {("post", "/v1/chat/completions"), ("post", "/v1/progressive")}
 _SSE = {"schema": {"type": "string", "description": "server-sent events (`stream: true`)"}}
 _DESCRIPTIONS = {400: "Bad request: the message names the field", 401: "Missing or invalid API "
@@ -63,7 +65,8 @@ def patch(spec: dict[str, Any]) -> None:
         for method, op in ops.items():
             responses = op.setdefault("responses", {})
             responses.pop("422", None)
-            for status in ERRORS.get((method, path), ()):
+            default = _ANY_V1 if path.startswith("/v1/") else ()
+            for status in ERRORS.get((method, path), default):
                 responses[str(status)] = {"description": _DESCRIPTIONS[status],
                                           "content": error}
             if (method, path) in _STREAMING:
