@@ -8,15 +8,18 @@ from __future__ import annotations
 import json
 import logging
 import socket
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
+import uvicorn
 
-from pice.cloud.api.limits import TokenBuckets
-from pice.cloud.tenants import hash_key
+from pice.cloud.api.limits import RequestLimits, TokenBuckets
+from pice.cloud.metrics import Metrics
+from pice.cloud.tenants import TenantRegistry, hash_key
 from pice.shared.config import ServeSettings
 from tests.conftest import SKETCH_QUESTIONS, LiveServer, _free_port
 from tests.edge.agent_procs import wait_for
@@ -138,3 +141,31 @@ def test_token_bucket_refills_at_its_rate() -> None:
     assert b.take("k", now=0.5) == 0  # refilled
     assert b.take("other", now=0.5) == 0  # keys are apart
     assert TokenBuckets(rate=0, burst=1).take("k") == 0  # 0: no limit
+
+
+class _Echo:
+    """A bare ASGI app: 200 at once (so the middleware's own behaviour is what is tested)."""
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        assert scope["type"] == "http"
+        await send({"type": "http.response.start", "status": 200,
+                    "headers": [(b"content-type", b"text/plain")]})
+        await send({"type": "http.response.body", "body": b"ok"})
+
+
+@pytest.mark.parametrize("limit_open", [False, True])
+def test_open_server_limits_per_client_address_only_when_asked(limit_open: bool) -> None:
+    app = RequestLimits(_Echo(), TenantRegistry.load(None), Metrics(), rate=0.001, burst=2,
+                        max_streams=1, limit_open_clients=limit_open)
+    port = _free_port()
+    srv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=srv.run, daemon=True)
+    thread.start()
+    try:
+        wait_for("the server", lambda: srv.started)
+        codes = [httpx.get(f"http://127.0.0.1:{port}/v1/models").status_code for _ in range(4)]
+        assert codes == ([200, 200, 429, 429] if limit_open else [200] * 4)
+        assert httpx.get(f"http://127.0.0.1:{port}/health").status_code == 200
+    finally:
+        srv.should_exit = True
+        thread.join(30)
