@@ -135,6 +135,15 @@ def test_chunked_upload_is_cut_off_at_the_cap(site: tuple[str, Path]) -> None:
     left_nothing(tmp / "state")
 
 
+def test_a_json_registration_body_is_capped_while_read(site: tuple[str, Path]) -> None:
+    url, tmp = site
+    body = json.dumps({"name": "j", "path": "x", "description": "y" * (2 * MIB)}).encode()
+    r = httpx.post(f"{url}/v1/adapters", headers={**auth(BOB), "content-type":
+                                                   "application/json"}, content=body, timeout=60)
+    assert r.status_code == 413 and r.json()["error"]["param"] == "body", r.text
+    left_nothing(tmp / "state")
+
+
 # ---- crafted files --------------------------------------------------------------------------
 def adapter_dir(tmp: Path, name: str, **kw: Any) -> Path:
     opts: dict[str, Any] = {"rank": 4, "alpha": 8, "targets": ("q_proj",), "seed": 1,
