@@ -60,8 +60,10 @@ def train_to_sketch(model_dir: Path, prompts: list[str], answer: str = SKETCH_AN
 
 
 def teach(model_dir: Path, pairs: list[tuple[str, str]], steps: int = 400,
-          seed: int = 0) -> Path:
-    """A few seconds of Adam so the tiny model answers each prompt with its text; saved in place."""
+          seed: int = 0, max_rounds: int = 10) -> Path:
+    """Adam until the tiny model answers each prompt with its text (greedy), checked after every
+    round of `steps` steps; saved in place. Rounds continue until every answer lands, so the
+    fixture never depends on how fast training converges on a given CPU."""
     tok = PreTrainedTokenizerFast.from_pretrained(model_dir)
     model = Qwen2ForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
     torch.manual_seed(seed)
@@ -72,18 +74,32 @@ def teach(model_dir: Path, pairs: list[tuple[str, str]], steps: int = 400,
         x = torch.tensor([ids + target])  # x: [1, prompt + answer]
         labels = x.clone()
         labels[0, : len(ids)] = -100  # learn the answer only
-        batches.append((x, labels))
+        batches.append((x, labels, len(ids)))
     opt = torch.optim.Adam(model.parameters(), lr=3e-3)
-    model.train()
-    for step in range(steps):
-        x, labels = batches[step % len(batches)]
-        loss = model(input_ids=x, labels=labels).loss
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    model.eval()
+    for _ in range(max_rounds):
+        model.train()
+        for step in range(steps):
+            x, labels, _n = batches[step % len(batches)]
+            loss = model(input_ids=x, labels=labels).loss
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        model.eval()
+        if all(_answers(model, x, n) for x, _labels, n in batches):
+            break
+    else:
+        raise AssertionError(f"tiny model did not learn its answers in {max_rounds * steps} steps")
     model.save_pretrained(model_dir)
     return model_dir
+
+
+@torch.no_grad()
+def _answers(model: Qwen2ForCausalLM, x: torch.Tensor, n_prompt: int) -> bool:
+    """Greedy decoding of the prompt reproduces the taught answer token for token."""
+    prompt, target = x[:, :n_prompt], x[0, n_prompt:]
+    out = model.generate(prompt, max_new_tokens=len(target), do_sample=False,
+                         eos_token_id=int(target[-1]))  # out: [1, prompt + <= answer]
+    return bool(torch.equal(out[0, n_prompt:], target))
 
 
 def peft_adapter(base_dir: Path, out_dir: Path, rank: int = 4, alpha: float = 8.0,
