@@ -1,12 +1,13 @@
 """A group stage as a bare process for tests and `pice bench group`, driven by JSON lines on stdin
 (the edge agent drives the same StageNode from hub messages instead):
 
-    {"configure": {StageConfig fields}}            -> {"event": "ready", "epoch": N}
+    {"configure": {StageConfig fields}}   -> {"event": "ready" | "failed", "epoch": N, "error"}
     {"generate": {"id": str, "prompt_ids": [...], "max_tokens": n, "temperature": t,
-                  "seed": s, "ignore_eos": b}}      -> {"event": "done", "id": ..., "tokens": [...],
-                                                       "logprobs": [...], "finish_reason": ...,
-                                                       "replays": n}
-    {"stats": true}                                 -> {"event": "stats", ...}
+                  "top_p": p, "top_k": k, "seed": s, "ignore_eos": b}}
+                                          -> {"event": "done", "id": ..., "tokens": [...],
+                                              "logprobs": [...], "finish_reason": ...,
+                                              "error": ..., "replays": n}
+    {"stats": true}                       -> {"event": "stats", ...}
     {"exit": true}
 
 It prints {"event": "listening", "addr": "host:port"} first. `python -m pice.edge.group.node_main
@@ -85,7 +86,9 @@ def main(argv: list[str] | None = None) -> int:
         elif "generate" in msg:
             g = msg["generate"]
             params = SamplingParams(max_tokens=g["max_tokens"],
-                                    temperature=g.get("temperature", 0.0), seed=g.get("seed"),
+                                    temperature=g.get("temperature", 0.0),
+                                    top_p=g.get("top_p", 1.0), top_k=g.get("top_k", 0),
+                                    seed=g.get("seed"),
                                     ignore_eos=g.get("ignore_eos", False))
             node.submit(list(g["prompt_ids"]), params, done(str(g["id"])))
         elif "stats" in msg:

@@ -13,9 +13,10 @@ Frame header "<2sBBBBHII" (16 bytes):
     width u32
 then n_seqs records of the kind's layout, then n_tokens × width elements of dtype (FORWARD only).
 
-    FORWARD (1) record "<QIIHHffq" (36 bytes): seq_id, start (tokens whose K/V every later stage
+    FORWARD (1) record "<QIIHIddq" (46 bytes): seq_id, start (tokens whose K/V every later stage
         already holds), q_len (new tokens in this frame), flags (bit 0: new sequence, drop any
-        K/V held for seq_id), top_k, temperature, top_p, seed (-1: none). The hidden states of
+        K/V held for seq_id), top_k, temperature, top_p (float64: exactly the request's values,
+        as the last stage samples with them), seed (-1: none). The hidden states of
         all sequences' new tokens follow, concatenated in record order: [n_tokens, width].
     RESULT (2)  record "<QIf" (16 bytes): seq_id, sampled token, its log-probability.
     END (3)     record "<Q" (8 bytes): seq_id, finished: free its K/V (passed along the ring).
@@ -40,7 +41,7 @@ VERSION = 1
 HELLO = struct.Struct("<8sHIH")
 HEADER = struct.Struct("<2sBBBBHII")
 FORWARD, RESULT, END = 1, 2, 3
-RECORDS = {FORWARD: struct.Struct("<QIIHHffq"), RESULT: struct.Struct("<QIf"),
+RECORDS = {FORWARD: struct.Struct("<QIIHIddq"), RESULT: struct.Struct("<QIf"),
            END: struct.Struct("<Q")}
 DTYPES = {0: torch.float32, 1: torch.float16, 2: torch.bfloat16}
 CODES = {v: k for k, v in DTYPES.items()}

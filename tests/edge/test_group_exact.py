@@ -56,3 +56,19 @@ def test_split_model_matches_single_process(stages: list[StageProc], models: dic
     got = head.results(len(batch))
     assert [got[str(i)]["tokens"] for i in range(len(batch))] == want
     assert all(got[str(i)]["finish_reason"] == "length" for i in range(len(batch)))
+
+
+def test_seeded_sampling_matches_single_process(stages: list[StageProc],
+                                                models: dict[str, Path]) -> None:
+    """The last stage samples with each request's own seeded generator, as the engine does."""
+    batch = prompts(4, seed=11)
+    eng = LLMEngine(EngineConfig(model=str(models["qwen2"]), max_model_len=512,
+                                 max_num_batched_tokens=512, num_blocks=128, block_size=4),
+                    set(), lambda ids: "")
+    params = SamplingParams(max_tokens=MAX_TOKENS, temperature=0.9, top_p=0.95, seed=5,
+                            ignore_eos=True)
+    want = [s.completion_ids for s in eng.generate_ids(batch, params)]
+    configure(stages[:2], models["qwen2"], SPLITS[2], next(EPOCH))
+    stages[0].generate(batch, MAX_TOKENS, temperature=0.9, top_p=0.95, seed=5)
+    got = stages[0].results(len(batch))
+    assert [got[str(i)]["tokens"] for i in range(len(batch))] == want
