@@ -75,8 +75,8 @@ def problem(text: str, point: str, others: Sequence[str]) -> str | None:
         return None  # empty: the guard's own verdict
     if _ITEM.search(text) or sum(_mentions(text, o) >= 0 for o in others) >= 2:
         return "echo"
-    if _is_other_point(text, point, others):
-        return "other point"
+    if _is_other_point(text, point, others) or any(_mentions(text, o) == 0 for o in others):
+        return "other point"  # another point's title, or its text under that title
     if _repeats(text):
         return "repeats"
     if len(set(content(text)) - set(content(point))) < NEW_WORDS:
