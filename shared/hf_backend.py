@@ -39,14 +39,20 @@ class HFGenerator(ChatBackedGenerator):
         self._lock = threading.Lock()
 
     # ---- generation ----------------------------------------------------------------------------
+    @staticmethod
+    def _samples(params: SamplingParams) -> bool:
+        # a vanishing temperature (1e-38 passes validation) would overflow transformers'
+        # logits / T into NaN; below 1e-4 sampling is argmax anyway, so decode greedily
+        return not params.greedy and params.temperature >= 1e-4
+
     def _generate_kwargs(self, params: SamplingParams) -> dict[str, Any]:
         kw: dict[str, Any] = {
             "max_new_tokens": params.max_tokens,
             "pad_token_id": self.tokenizer.pad_token_id,
             "eos_token_id": sorted(self._eos_ids | set(params.stop_token_ids)),
-            "do_sample": not params.greedy,
+            "do_sample": self._samples(params),
         }
-        if not params.greedy:
+        if self._samples(params):
             kw.update(temperature=params.temperature, top_p=params.top_p,
                       top_k=params.top_k or None)
         else:  # silence sampling defaults a generation_config may carry

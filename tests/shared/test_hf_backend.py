@@ -65,3 +65,11 @@ def test_bad_sampling_params_name_the_field(kwargs: dict[str, float], field: str
 def test_chat_template_is_applied(tiny_generator: HFGenerator) -> None:
     text = tiny_generator.render_chat([{"role": "user", "content": "hi"}], "1.")
     assert text == "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n1."
+
+
+def test_vanishing_temperature_decodes_instead_of_raising(tiny_generator: HFGenerator) -> None:
+    """temperature 1e-38 passes validation; transformers would divide the logits into NaN."""
+    tiny = SamplingParams(max_tokens=4, temperature=1e-38, top_p=1e-46, seed=1)
+    greedy = SamplingParams(max_tokens=4, temperature=0.0)
+    out = tiny_generator.generate(["Water boils at"], tiny)[0]
+    assert out.token_ids == tiny_generator.generate(["Water boils at"], greedy)[0].token_ids
