@@ -15,50 +15,19 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Any
 
 import torch
 
 from pice.edge.group import wire
 from pice.edge.group.driver import Driver, GroupSeq
+from pice.edge.group.links import CONNECT_DEADLINE_S, Links, StageConfig
 from pice.edge.group.stage_model import StagePart
 from pice.shared.sampling import SamplingParams
 
 log = logging.getLogger(__name__)
 
-CONNECT_DEADLINE_S = 120.0  # how long a stage keeps dialling its next one after a plan
-
-
-@dataclass(frozen=True)
-class StageConfig:
-    """What the hub tells one member (see shared/protocol.py HubGroupPlan)."""
-
-    group: str
-    epoch: int  # plan number; frames and connections of older plans are dropped
-    model: str  # local model directory
-    index: int  # position in the pipeline (0: first, holds the driver)
-    n_stages: int
-    start: int  # first layer (inclusive)
-    end: int  # last layer (exclusive)
-    next_addr: str | None  # "host:port" of the next stage (the last's is the first); None: 1 stage
-    token: str  # per-group-per-epoch secret every connection presents
-    num_blocks: int  # KV blocks on every stage (the driver admits within this)
-    block_size: int = 16
-    dtype: str = "float32"
-    micro_batches: int = 0  # decode micro-batches in flight (0: one per stage)
-    max_model_len: int = 4096
-
-    @property
-    def first(self) -> bool:
-        return self.index == 0
-
-    @property
-    def last(self) -> bool:
-        return self.index == self.n_stages - 1
-
-
-class StageNode:
+class StageNode(Links):
     def __init__(self, host: str = "127.0.0.1", port: int = 0, cpu_kernels: bool = True,
                  eos_ids: set[int] | None = None,
                  decode: Callable[[list[int]], str] | None = None) -> None:
@@ -115,60 +84,6 @@ class StageNode:
     def disband(self, reason: str) -> None:
         """The group leaves: fail every request and stop the pipeline."""
         self.events.put(("disband", reason))
-
-    # ---- the listener side ------------------------------------------------------------------
-    def _accept_loop(self) -> None:
-        while True:
-            try:
-                conn, _ = self.listener.accept()
-            except OSError:
-                return
-            threading.Thread(target=self._inbound, args=(conn,), daemon=True).start()
-
-    def _inbound(self, conn: socket.socket) -> None:
-        epoch = -1
-        try:
-            conn.settimeout(30.0)
-            epoch, token = wire.read_hello(conn)
-            with self._cond:  # the plan may reach us after our previous stage got it
-                self._cond.wait_for(lambda: self.latest is not None
-                                    and self.latest.epoch >= epoch, timeout=CONNECT_DEADLINE_S)
-                cfg = self.latest
-            if cfg is None or cfg.epoch != epoch or not wire.token_ok(token, cfg.token):
-                log.warning("refused a stage connection (epoch %d)", epoch)
-                conn.close()
-                return
-            conn.sendall(b"\x01")
-            conn.settimeout(None)
-            conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            width = self.part.width if self.part is not None else None
-            while True:
-                self.events.put(("frame", epoch, wire.read_frame(conn, width)))
-        except Exception as exc:  # EOF, reset, a malformed frame: the link is gone
-            if epoch >= 0:
-                self.events.put(("link_down", epoch, f"inbound link lost: {exc}"))
-        finally:
-            conn.close()
-
-    def _dial(self, cfg: StageConfig) -> socket.socket:
-        assert cfg.next_addr is not None
-        host, port = cfg.next_addr.rsplit(":", 1)
-        deadline = time.monotonic() + CONNECT_DEADLINE_S
-        while True:
-            try:
-                sock = socket.create_connection((host, int(port)), timeout=CONNECT_DEADLINE_S)
-                sock.sendall(wire.hello(cfg.epoch, cfg.token))
-                if sock.recv(1) == b"\x01":
-                    sock.settimeout(None)
-                    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-                    return sock
-                sock.close()
-            except OSError:
-                pass
-            if time.monotonic() > deadline:
-                raise ConnectionError(f"next stage {cfg.next_addr} did not accept epoch "
-                                      f"{cfg.epoch}")
-            time.sleep(0.05)
 
     # ---- the compute thread -----------------------------------------------------------------
     def _compute_loop(self) -> None:
