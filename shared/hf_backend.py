@@ -41,7 +41,7 @@ class HFGenerator(ChatBackedGenerator):
     # ---- generation ----------------------------------------------------------------------------
     @staticmethod
     def _samples(params: SamplingParams) -> bool:
-        # a vanishing temperature (1e-38 passes validation) would overflow transformers'
+        # a vanishing temperature (1e-45 passes validation) would overflow transformers'
         # logits / T into NaN; below 1e-4 sampling is argmax anyway, so decode greedily
         return not params.greedy and params.temperature >= 1e-4
 
