@@ -44,9 +44,9 @@ class CompressedBenchConfig:
     budget: float = 0.3
     # the candidates the compressor chooses from (kept few: each is a full clustering run)
     ranks: list[int] = field(default_factory=lambda: [16])
-    clusters: list[int] = field(default_factory=lambda: [4, 8, 16])
-    rounds: int = 3  # reassignment rounds and HOOI iterations per fit
-    iters: int = 5
+    clusters: list[int] = field(default_factory=lambda: [8, 16])
+    rounds: int = 2  # reassignment rounds and HOOI iterations per fit
+    iters: int = 3
     max_num_seqs: int = 16
     kv_cache_gb: float = 0.25
     slo_ttft_s: float = 6.0

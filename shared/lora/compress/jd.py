@@ -78,7 +78,7 @@ def fit_full(a: torch.Tensor, b: torch.Tensor, r: int, iters: int = 10,
     n, big_r, fan_in = a.shape
     fan_out = b.shape[1]
     r = effective_rank(r, fan_in, fan_out)
-    if not exact if exact is not None else n * big_r > 4 * max(fan_in, fan_out):
+    if not exact if exact is not None else n * big_r > max(fan_in, fan_out):
         gen = torch.Generator().manual_seed(0)
         v = _orth(torch.randn(fan_in, r, generator=gen, dtype=a.dtype))
         u = _orth(torch.randn(fan_out, r, generator=gen, dtype=a.dtype))
