@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import math
 import platform
 import re
 import statistics
@@ -30,6 +29,7 @@ from typing import Any, cast
 import torch
 from tqdm import tqdm
 
+from pice.bench.judge import CORRUPTIONS, next_token_logits, rubric, validate
 from pice.bench.progressive import load_questions, round_robin
 from pice.cloud.ensemble import EnsembleConfig, PinnedEnsemble, Source
 from pice.cloud.events import DoneEvent
@@ -37,7 +37,7 @@ from pice.cloud.guard import GuardConfig
 from pice.cloud.metrics import Metrics
 from pice.cloud.pipeline import AnswerRequest, Pipeline
 from pice.edge.distill import EXPANDER_ADAPTER
-from pice.runtime import build_pipeline
+from pice.runtime import build_pipeline, load_generator
 from pice.scheduler.service import Scheduler
 from pice.shared.backend import TextGenerator
 from pice.shared.config import ServeSettings
@@ -45,6 +45,7 @@ from pice.shared.embeddings import get_embedder
 from pice.shared.models import DEFAULT_CLOUD_MODEL, DEFAULT_EDGE_MODEL
 
 VARIANTS = ("cloud", "progressive", "ensemble", "ensemble+adapter")
+RUBRIC_MARGIN = 0.25  # rubric scores this close are a tie
 COVER_SIM = 0.6  # a reference sentence counts as covered at this cosine similarity or above
 JUDGE_SYSTEM = ("You are a strict, fair judge of answers. Compare two answers to the same "
                 "question for correctness, helpfulness, completeness and clarity. Ignore length "
@@ -68,6 +69,12 @@ class QualityConfig:
     judge: bool = True
     adapter: Path | None = None  # distilled adapter for edge_models[0] (None → the shipped one)
     questions: Path | None = None  # JSONL like bench/questions.jsonl (None → that file)
+    # judge validation (bench/judge.py) before any variant is judged: on the full-cloud answers
+    # of the first `validate_limit` questions, or on those of an earlier quality.json
+    validate_limit: int = 6
+    judge_items: Path | None = None
+    validate_only: bool = False  # stop after the validation (quality_judge.json)
+    eager: bool = True  # progressive variants dispatch each point as its sketch line completes
 
 
 @dataclass
@@ -87,7 +94,10 @@ class Row:
     coverage: float = 1.0
     p_variant_first: float = 0.5  # P(variant better) with the variant shown as A
     p_variant_second: float = 0.5  # ... shown as B
-    verdict: str = "tie"  # win | tie | loss (vs the full-cloud answer)
+    verdict: str = "tie"  # win | tie | loss (vs the full-cloud answer), pairwise judge
+    score_variant: float = 0.0  # rubric judge, 1-9 (0: not judged)
+    score_cloud: float = 0.0
+    rubric_verdict: str = "tie"  # win | tie | loss by rubric score (margin RUBRIC_MARGIN)
     answer: str = field(default="", repr=False)
 
 
@@ -109,30 +119,6 @@ def coverage(reference: str, answer: str) -> float:
 
 def similarity(reference: str, answer: str) -> float:
     return float(get_embedder().similarity([reference], [answer or " "])[0, 0])
-
-
-@torch.inference_mode()
-def next_token_logits(gen: TextGenerator, prompt: str) -> torch.Tensor:
-    """Logits [vocab] of the token after `prompt`: one prefill of the loaded model (the engine's
-    own weights in a private KV cache; call it while the engine is idle)."""
-    engine = getattr(gen, "engine", None)
-    if engine is None:  # transformers backend
-        model = gen.model  # type: ignore[attr-defined]
-        ids = gen.chat.encode(prompt)  # type: ignore[attr-defined]
-        return cast(torch.Tensor, model(input_ids=torch.tensor([ids])).logits[0, -1].float())
-    from pice.kernels.paged_attention import build_metadata
-
-    runner = engine.runner
-    model, bs = runner.model, runner.cfg.block_size
-    ids = gen.chat.encode(prompt)  # type: ignore[attr-defined]
-    n, nb = len(ids), math.ceil(len(ids) / bs)
-    shape = (nb, bs, model.num_kv_heads, model.head_dim)
-    kv = [(torch.zeros(shape, dtype=runner.dtype, device=runner.device),
-           torch.zeros(shape, dtype=runner.dtype, device=runner.device))
-          for _ in range(model.num_layers)]  # each [blocks, block_size, kv_heads, head_dim]
-    meta = build_metadata([list(range(nb))], [n], [n], bs, runner.device)
-    hidden = model(torch.tensor(ids, dtype=torch.long, device=runner.device), kv, meta)
-    return cast(torch.Tensor, model.compute_logits(hidden[-1:])[0].float().cpu())  # [vocab]
 
 
 def judge(gen: TextGenerator, question: str, first: str, second: str) -> float:
@@ -215,6 +201,9 @@ def _summary(rows: list[Row]) -> dict[str, Any]:
             "latency_mean_s": statistics.fmean(r.latency for r in sel),
             "ttft_mean_s": statistics.fmean(r.ttft for r in sel),
             "repaired_points": sum(r.repaired for r in sel),
+            "rubric_win": [r.rubric_verdict for r in sel].count("win") / len(sel),
+            "rubric_win_or_tie": sum(r.rubric_verdict != "loss" for r in sel) / len(sel),
+            "rubric_score_mean": statistics.fmean(r.score_variant for r in sel),
         }
 
     out: dict[str, Any] = {"overall": {v: agg([r for r in rows if r.variant == v])
@@ -232,7 +221,7 @@ def _target(rows: list[Row]) -> dict[str, Any]:
     base = {r.id: r for r in rows if r.variant == "cloud"}
     if not mine:
         return {}
-    ok = sum(r.verdict in ("win", "tie") for r in mine) / len(mine)
+    ok = sum(r.rubric_verdict in ("win", "tie") for r in mine) / len(mine)
     cut = 1 - statistics.fmean(r.latency for r in mine) / statistics.fmean(
         base[r.id].latency for r in mine)
     return {"questions": len(mine), "win_or_tie": ok, "latency_cut": cut,
@@ -285,22 +274,46 @@ def run_quality(cfg: QualityConfig, progress: bool = True) -> dict[str, Any]:
                              cache_dir=cfg.cache_dir, threads=cfg.threads,
                              default_max_tokens=cfg.max_tokens, backend=cfg.backend,
                              default_max_points=cfg.max_points)
+    if cfg.validate_only and cfg.judge_items is not None:  # the cloud model alone
+        report = _validate_judge(load_generator(cfg.cloud_model, settings, progress), cfg,
+                                 progress)
+        cfg.out_dir.mkdir(parents=True, exist_ok=True)
+        (cfg.out_dir / "quality_judge.json").write_text(json.dumps(report, indent=2))
+        return {"judge_validation": report}
     pipeline = build_pipeline(settings, Metrics(), progress)
+    pipeline.eager = cfg.eager
+    cloud_done: dict[str, DoneEvent] = {}
+    validation: dict[str, Any] = {}
+    if cfg.judge:
+        if cfg.judge_items is None:  # this run's first full-cloud answers (kept for later)
+            for q in questions[:cfg.validate_limit]:
+                cloud_done[q["id"]] = asyncio.run(_answer(pipeline, q, "cloud", cfg))
+        validation = _validate_judge(pipeline.cloud, cfg, progress, [
+            (q["question"], cloud_done[q["id"]].text) for q in questions[:cfg.validate_limit]
+            if q["id"] in cloud_done])
+        cfg.out_dir.mkdir(parents=True, exist_ok=True)
+        (cfg.out_dir / "quality_judge.json").write_text(json.dumps(validation, indent=2))
+        if cfg.validate_only:
+            return {"judge_validation": validation}
     configs = variant_configs(pipeline, cfg)
     scheduler = pipeline.scheduler
     rows: list[Row] = []
     t0 = time.perf_counter()
-    result = _result(cfg, configs, rows, 0.0)
+    result = _result(cfg, configs, rows, 0.0, validation)
     for i, q in enumerate(tqdm(questions, desc="bench quality", unit="question",
                                disable=not progress)):
         order = VARIANTS if i % 2 == 0 else VARIANTS[::-1]
         done: dict[str, DoneEvent] = {}
         for v in order:
+            if v == "cloud" and q["id"] in cloud_done:
+                done[v] = cloud_done[q["id"]]
+                continue
             if v in configs:
                 pipeline.expander.cfg = configs[v]
                 pipeline.scheduler = cast(Scheduler, PinnedEnsemble(scheduler, configs[v].k))
             done[v] = asyncio.run(_answer(pipeline, q, v, cfg))
         ref = done["cloud"].text
+        ref_score = rubric(pipeline.cloud, q["question"], ref) if cfg.judge else 0.0
         for v in VARIANTS:
             row = _row(q, v, done[v])
             if v != "cloud":
@@ -311,18 +324,45 @@ def run_quality(cfg: QualityConfig, progress: bool = True) -> dict[str, Any]:
                     row.p_variant_second = 1 - judge(pipeline.cloud, q["question"], ref,
                                                      row.answer)
                     row.verdict = verdict(row.p_variant_first, row.p_variant_second)
+                    row.score_cloud = ref_score
+                    row.score_variant = rubric(pipeline.cloud, q["question"], row.answer)
+                    gap = row.score_variant - ref_score
+                    row.rubric_verdict = ("win" if gap > RUBRIC_MARGIN else
+                                          "loss" if gap < -RUBRIC_MARGIN else "tie")
             rows.append(row)
-        result = _result(cfg, configs, rows, time.perf_counter() - t0)  # kept after each question
+        result = _result(cfg, configs, rows, time.perf_counter() - t0,
+                         validation)  # kept after each question
         cfg.out_dir.mkdir(parents=True, exist_ok=True)
         (cfg.out_dir / "quality.json").write_text(json.dumps(result, indent=2, default=str))
     _plot(result["summary"], cfg.out_dir / "quality.png")
     return result
 
 
+def _validate_judge(gen: TextGenerator, cfg: QualityConfig, progress: bool,
+                    items: list[tuple[str, str]] | None = None) -> dict[str, Any]:
+    """Judge validation on full-cloud answers: `items`, else an earlier run's
+    (`judge_items`)."""
+    if items is None or cfg.judge_items is not None:
+        assert cfg.judge_items is not None
+        earlier = json.loads(cfg.judge_items.read_text())
+        asked = {q["id"]: q["question"] for q in load_questions(None, 0)}
+        items = [(asked[r["id"]], r["answer"]) for r in earlier["rows"]
+                 if r["variant"] == "cloud" and r["id"] in asked][:cfg.validate_limit]
+    t0 = time.perf_counter()
+    with tqdm(total=len(items) * len(CORRUPTIONS), desc="judge validation", unit="pair",
+              disable=not progress) as bar:
+        report = validate(gen, items, progress=bar)
+    report["items"] = len(items)
+    report["judge_model"] = cfg.cloud_model
+    report["seconds"] = time.perf_counter() - t0
+    return report
+
+
 def _result(cfg: QualityConfig, configs: dict[str, EnsembleConfig], rows: list[Row],
-            wall_s: float) -> dict[str, Any]:
+            wall_s: float, validation: dict[str, Any] | None = None) -> dict[str, Any]:
     summary = _summary(rows)
     return {
+        "judge_validation": {k: v for k, v in (validation or {}).items() if k != "rows"},
         "bench": "quality",
         "config": json.loads(json.dumps(asdict(cfg), default=str)),
         "machine": {"platform": platform.platform(), "torch": torch.__version__,

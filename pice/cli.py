@@ -146,12 +146,20 @@ def cmd_bench_quality(args: argparse.Namespace) -> int:
     fields = {"cloud_model": args.cloud_model, "edge_models": args.edge_model,
               "limit": args.limit, "categories": args.category, "max_tokens": args.max_tokens,
               "out_dir": args.out, "cache_dir": args.cache_dir, "threads": args.threads,
-              "backend": args.backend, "adapter": args.adapter}
+              "backend": args.backend, "adapter": args.adapter,
+              "judge_items": args.judge_items, "validate_limit": args.validate_limit}
     cfg = QualityConfig(**{k: v for k, v in fields.items() if v is not None})
     cfg.suitable_only = not args.all_questions
     cfg.judge = not args.no_judge
+    cfg.validate_only = args.validate_only
+    cfg.eager = not args.no_eager
     result = run_quality(cfg)
-    print(json.dumps({"target": result["target"], "overall": result["summary"]["overall"]},
+    if cfg.validate_only:
+        print(json.dumps({k: v for k, v in result["judge_validation"].items() if k != "rows"},
+                         indent=2))
+        return 0
+    print(json.dumps({"judge_validation": result["judge_validation"],
+                      "target": result["target"], "overall": result["summary"]["overall"]},
                      indent=2))
     return 0
 
@@ -354,7 +362,15 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--max-tokens", type=int)
     q.add_argument("--adapter", type=Path, help="distilled adapter for the first edge model "
                    "(default: the shipped one)")
-    q.add_argument("--no-judge", action="store_true", help="skip the pairwise judgment")
+    q.add_argument("--no-judge", action="store_true", help="skip the judges (and their "
+                   "validation)")
+    q.add_argument("--validate-only", action="store_true", help="validate the judges on "
+                   "corrupted full answers, write quality_judge.json, stop")
+    q.add_argument("--judge-items", type=Path, help="validate on the full-cloud answers of an "
+                   "earlier quality.json (default: this run's first --validate-limit)")
+    q.add_argument("--validate-limit", type=int, help="full answers to validate on (default 6)")
+    q.add_argument("--no-eager", action="store_true", help="dispatch a sketch's points only "
+                   "once it is complete")
     q.add_argument("--out", type=Path, default=Path("bench-results"))
     q.set_defaults(fn=cmd_bench_quality)
 
