@@ -14,7 +14,8 @@ from pydantic import BaseModel, ConfigDict, Field
 from pice.shared.embeddings import Embedder
 from pice.shared.protocol import ExpansionResult
 
-MIN_WORDS = 6  # texts shorter than this many words get a proportionally lower score
+MIN_WORDS = 10  # texts shorter than this many words get a proportionally lower score: a
+# section should explain its point (two sentences), not restate it in a few words
 
 
 class SelectionWeights(BaseModel):
