@@ -89,7 +89,13 @@ async def run_progressive(p: Pipeline, plan: Plan, clock: Clock) -> AsyncIterato
             inbox.put_nowait(("point", point))
         inbox.put_nowait(("sketched", final))
 
-    sketcher = asyncio.create_task(sketch())
+    async def sketch_or_report() -> None:
+        try:
+            await sketch()
+        except Exception as exc:  # the cloud failed: the caller raises it (typed → HTTP)
+            inbox.put_nowait(("error", exc))
+
+    sketcher = asyncio.create_task(sketch_or_report())
     results: dict[int, ExpansionResult] = {}
     sections: dict[int, SectionEvent] = {}
     held: list[Picked] = []  # sections wait until the sketch is sure to be used
@@ -97,6 +103,8 @@ async def run_progressive(p: Pipeline, plan: Plan, clock: Clock) -> AsyncIterato
     try:
         while points is None or running:
             kind, payload = await inbox.get()
+            if kind == "error":
+                raise payload
             if kind == "point":
                 i = len(tasks)
                 tasks.append(task(i))

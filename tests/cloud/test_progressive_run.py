@@ -104,3 +104,29 @@ def test_points_stream_and_eager_dispatch_starts_before_the_sketch_ends(
         assert first_dispatch > log.index("sketch done")
     assert any(isinstance(e, SketchEvent) and e.points == [p.text for p in points]
                for e in events)
+
+
+class FailingCloud(HFGenerator):
+    """The tiny sketch model, failing after its first line of the sketch."""
+
+    def stream(self, prompt: str, params: SamplingParams,
+               adapter: str | None = None) -> Iterator[str]:
+        for delta in super().stream(prompt, params, adapter):
+            yield delta
+            if "\n" in delta:
+                raise RuntimeError("cloud model went away")
+
+
+def test_a_failing_sketch_raises_instead_of_hanging(sketch_model_dir: Path,
+                                                    tiny_model_dir: Path) -> None:
+    cloud = FailingCloud(str(sketch_model_dir), max_context=1024)
+    edge = EdgeWorker("e0", HFGenerator(str(tiny_model_dir), max_context=1024))
+    pipeline = Pipeline(cloud, EdgePool([edge]), PolicyConfig(), Metrics())
+    req = AnswerRequest("r1", [{"role": "user", "content": SKETCH_QUESTIONS[0]}], max_tokens=60,
+                        mode="progressive")
+
+    async def collect() -> list[Event]:
+        return [ev async for ev in pipeline.run(req)]
+
+    with pytest.raises(RuntimeError, match="cloud model went away"):
+        asyncio.run(asyncio.wait_for(collect(), WAIT_S))
