@@ -38,8 +38,9 @@ def test_real_question_gets_a_sketch_and_every_point_expanded(real_server: LiveS
             http, "POST", "/v1/progressive", json=body) as source:
         events = [(e.event, json.loads(e.data)) for e in source.iter_sse()]
     kinds = [k for k, _ in events]
-    assert kinds[0] == "sketch" and kinds[-1] == "done", kinds
-    points = events[0][1]["points"]
+    assert kinds[0] == "point" and kinds[-1] == "done", kinds  # points stream as written
+    points = next(d for k, d in events if k == "sketch")["points"]
+    assert [d["text"] for k, d in events if k == "point"] == points
     assert 3 <= len(points) <= 4
     assert all(1 <= len(p.split()) <= 10 for p in points)
     sections = sorted((d for k, d in events if k == "section"), key=lambda s: s["index"])
