@@ -1,0 +1,26 @@
+"""`pice bench lora --compressed --tiny`: compressed vs uncompressed at equal adapter memory on a
+tiny random model, every system in its own process, JSON + PNG and the table."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from pice.bench.lora_compressed import CompressedBenchConfig, run_compressed_bench, table
+
+
+def test_tiny_compressed_bench(tmp_path: Path) -> None:
+    cfg = CompressedBenchConfig(tiny=True, ns=[12], requests=6, subspaces=2, ranks=[16],
+                                clusters=[2], out_dir=tmp_path)
+    result = run_compressed_bench(cfg)
+    saved = json.loads((tmp_path / "lora_compressed.json").read_text())
+    assert (tmp_path / "lora_compressed.png").stat().st_size > 0
+    assert saved["compression"]["12"]["compressed"] == 12
+    rows = {r["system"]: r for r in result["rows"]}
+    assert set(rows) == {"compressed", "uncompressed"}
+    assert rows["compressed"]["slots"] == 2  # one slot per cluster basis
+    for r in rows.values():  # the same trace, every token served
+        assert r["requests"] == 6 and r["tokens"] == rows["compressed"]["tokens"]
+        pool = r["pool"]
+        assert pool["hits"] + pool["misses"] == 6
+    assert "compressed" in table(result)
