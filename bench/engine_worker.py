@@ -4,13 +4,13 @@ Usage: python -m pice.bench.engine_worker '<json spec>'; prints one JSON object.
 from __future__ import annotations
 
 import json
-import resource
 import sys
 import time
 from typing import Any, cast
 
 import torch
 
+from pice.bench.peer_worker import peak_rss_mb
 from pice.kernels.paged_attention import build_metadata
 from pice.shared.engine.generator import EngineGenerator
 from pice.shared.engine.models import CausalLM, build_model
@@ -70,7 +70,7 @@ def throughput(spec: dict[str, Any]) -> dict[str, Any]:
     tied = bool(getattr(getattr(model, "config", None), "tie_word_embeddings", False)) or \
         bool(getattr(model, "tie_word_embeddings", False))
     return {"rows": rows, "weight_bytes": weight_bytes(model, tied),
-            "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+            "peak_rss_mb": peak_rss_mb()}
 
 
 def prefix(spec: dict[str, Any]) -> dict[str, Any]:

@@ -9,16 +9,22 @@ server does with b parallel slots)."""
 from __future__ import annotations
 
 import json
+import queue
 import resource
 import sys
 import time
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
 
-def _peak_rss_mb() -> float:
+def peak_rss_mb() -> float:
+    """VmHWM: this process's own peak (ru_maxrss would carry the parent's over exec)."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
@@ -54,7 +60,9 @@ class LlamaCpp:
         ptr = self.lc.llama_get_logits_ith(self.ctx, i)
         return int(np.ctypeslib.as_array(ptr, shape=(self.n_vocab,)).argmax())
 
-    def generate(self, prompts: list[list[int]], n: int) -> list[list[int]]:
+    def generate(self, prompts: list[list[int]], n: int) -> tuple[list[list[int]], float]:
+        """Greedy tokens per prompt, and the seconds until every prompt had its first one."""
+        t0 = time.perf_counter()
         self.lc.llama_memory_clear(self.lc.llama_get_memory(self.ctx), True)
         items, last = [], []
         for s, ids in enumerate(prompts):
@@ -62,16 +70,18 @@ class LlamaCpp:
             last.append(len(items) - 1)
         self._decode(items)
         out = [[self._argmax(i)] for i in last]
+        first = time.perf_counter() - t0
         for step in range(1, n):
             self._decode([(o[-1], len(p) + step - 1, s, True)
                           for s, (p, o) in enumerate(zip(prompts, out, strict=True))])
             for s, o in enumerate(out):
                 o.append(self._argmax(s))
-        return out
+        return out, first
 
 
-def _system(spec: dict[str, Any]) -> Any:
-    """A callable (prompts indices, n) -> token ids per prompt, for the spec's system."""
+def _system(spec: dict[str, Any]) -> tuple[Any, Any]:
+    """A callable (prompt indices, n) -> (token ids per prompt, seconds to the first token of
+    every prompt), and the pice generator (None for the others)."""
     system = spec["system"]
     if system == "llama.cpp":
         most = max(spec["batch_sizes"])
@@ -80,22 +90,38 @@ def _system(spec: dict[str, Any]) -> Any:
         return lambda idx, n: llama.generate([spec["prompt_ids"][i] for i in idx], n), None
     from pice.shared.sampling import SamplingParams
 
-    gen: Any
     if system == "transformers":
         from pice.shared.hf_backend import HFGenerator
 
-        gen = HFGenerator(spec["dense_dir"], max_context=2048)
-    else:
-        from pice.shared.engine.generator import EngineGenerator
+        hf = HFGenerator(spec["dense_dir"], max_context=2048)
 
-        quant = {"pice-gguf": "gguf", "pice-int8": "int8", "pice-fp32": "none"}[system]
-        gen = EngineGenerator(spec["model_dir"], max_context=2048, kv_cache_gb=1.0,
-                              prefix_caching=False, gguf=spec["gguf"], quantization=quant)
+        def run_hf(idx: list[int], n: int) -> tuple[list[list[int]], float]:
+            t0 = time.perf_counter()  # generate has no first-token hook: a 1-token run
+            hf.generate([spec["prompts"][i] for i in idx], SamplingParams(max_tokens=1))
+            first = time.perf_counter() - t0
+            outs = hf.generate([spec["prompts"][i] for i in idx],
+                               SamplingParams(max_tokens=n, ignore_eos=True))
+            return [list(o.token_ids) for o in outs], first
+        return run_hf, None
+    from pice.shared.engine.generator import EngineGenerator
 
-    def run(idx: list[int], n: int) -> list[list[int]]:
-        outs = gen.generate([spec["prompts"][i] for i in idx],
-                            SamplingParams(max_tokens=n, ignore_eos=True))
-        return [list(o.token_ids) for o in outs]
+    quant = {"pice-gguf": "gguf", "pice-int8": "int8", "pice-fp32": "none"}[system]
+    gen = EngineGenerator(spec["model_dir"], max_context=2048, kv_cache_gb=1.0,
+                          prefix_caching=False, gguf=spec["gguf"], quantization=quant)
+
+    def run(idx: list[int], n: int) -> tuple[list[list[int]], float]:
+        params = SamplingParams(max_tokens=n, ignore_eos=True)
+        t0 = time.perf_counter()
+        handles = [gen.submit(spec["prompts"][i], params) for i in idx]
+        first = None
+        while not all(h.done.is_set() for h in handles):
+            try:
+                handles[0].updates.get(timeout=0.5)  # one update per engine step
+            except queue.Empty:
+                pass
+            if first is None and all(h.seq.num_completion_tokens >= 1 for h in handles):
+                first = time.perf_counter() - t0
+        return [list(h.seq.completion_ids) for h in handles], first or 0.0
     return run, gen
 
 
@@ -107,20 +133,16 @@ def measure(spec: dict[str, Any]) -> dict[str, Any]:
     run([0], 4)  # warm up
     n, rows, tokens = spec["decode_tokens"], [], []
     for b in spec["batch_sizes"]:
-        idx = list(range(b))
         t = time.perf_counter()
-        run(idx, 1)
-        ttft = time.perf_counter() - t
-        t = time.perf_counter()
-        out = run(idx, n)
+        out, ttft = run(list(range(b)), n)
         total = time.perf_counter() - t
         if b == 1:
             tokens = out[0]
         rows.append({"batch": b, "ttft_s": ttft, "total_s": total,
                      "decode_tok_s": b * (n - 1) / max(total - ttft, 1e-9)})
     result: dict[str, Any] = {"system": spec["system"], "load_s": load_s, "rows": rows,
-                              "tokens_b1": tokens, "peak_rss_mb": _peak_rss_mb()}
-    if gen is not None and hasattr(gen, "engine"):
+                              "tokens_b1": tokens, "peak_rss_mb": peak_rss_mb()}
+    if gen is not None:
         from pice.shared.engine.models.quantized import step_bytes
 
         result["weight_bytes_per_step"] = step_bytes(gen.engine.runner.model)
