@@ -8,6 +8,7 @@ server does with b parallel slots)."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import queue
 import resource
@@ -115,10 +116,8 @@ def _system(spec: dict[str, Any]) -> tuple[Any, Any]:
         handles = [gen.submit(spec["prompts"][i], params) for i in idx]
         first = None
         while not all(h.done.is_set() for h in handles):
-            try:
+            with contextlib.suppress(queue.Empty):
                 handles[0].updates.get(timeout=0.5)  # one update per engine step
-            except queue.Empty:
-                pass
             if first is None and all(h.seq.num_completion_tokens >= 1 for h in handles):
                 first = time.perf_counter() - t0
         return [list(h.seq.completion_ids) for h in handles], first or 0.0
