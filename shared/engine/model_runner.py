@@ -3,11 +3,11 @@ KV cache, samples. Never decides anything."""
 
 from __future__ import annotations
 
-import numpy as np
 import torch
 
 from pice.kernels.cpu_linear import use_cpu_kernels
 from pice.kernels.paged_attention import build_metadata
+from pice.kernels.quant_memory import zeros_lazy
 from pice.shared.engine.config import EngineConfig
 from pice.shared.engine.lora import attach_lora
 from pice.shared.engine.models import build_model
@@ -18,13 +18,6 @@ from pice.shared.engine.sequence import Sequence
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-
-
-def zeros_lazy(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
-    """A zero-filled CPU tensor whose pages are mapped only when first written (numpy's
-    calloc: a large KV pool costs resident memory as sequences fill it, not up front)."""
-    width = {torch.float32: np.float32, torch.float16: np.float16, torch.bfloat16: np.uint16}
-    return torch.from_numpy(np.zeros(shape, dtype=width[dtype])).view(dtype)
 
 
 class ModelRunner:
@@ -54,9 +47,7 @@ class ModelRunner:
                           for _ in range(m.num_layers)]
 
     def _zeros(self, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
-        if self.device.type == "cpu":
-            return zeros_lazy(shape, dtype)
-        return torch.zeros(shape, dtype=dtype, device=self.device)
+        return zeros_lazy(shape, dtype, self.device)  # CPU: pages mapped as blocks fill
 
     def execute(self, batch: SchedulerOutput) -> tuple[list[int], list[float]]:
         """Token and log-probability per sequence, in `batch.seqs` order."""

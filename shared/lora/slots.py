@@ -12,6 +12,7 @@ from __future__ import annotations
 import torch
 
 from pice.kernels.lora import Cores
+from pice.kernels.quant_memory import zeros_lazy
 from pice.shared.lora.adapter import LoadedAdapter, ModelShape
 
 # Fused groups of the engine's projections, in their output column order.
@@ -43,10 +44,11 @@ class SlotBuffers:
             a_layer, b_layer = {}, {}
             for group, projs in GROUPS.items():
                 fan_in = shape.dims[projs[0]][0]
-                a_layer[group] = torch.zeros(num_slots, max_rank, len(projs), fan_in,
-                                             dtype=dtype, device=device)
-                b_layer[group] = [torch.zeros(num_slots, shape.dims[p][1], max_rank,
-                                              dtype=dtype, device=device) for p in projs]
+                # lazily committed on the CPU: slots cost memory as adapters fill them
+                a_layer[group] = zeros_lazy((num_slots, max_rank, len(projs), fan_in), dtype,
+                                            device)
+                b_layer[group] = [zeros_lazy((num_slots, shape.dims[p][1], max_rank), dtype,
+                                             device) for p in projs]
             self.a.append(a_layer)
             self.b.append(b_layer)
 
@@ -60,12 +62,16 @@ class SlotBuffers:
 
     @torch.no_grad()
     def clear(self, slot: int) -> None:
-        self.slot_rank[slot] = 0
+        # only the rank written before is non-zero: zeroing just that leaves the rest of a
+        # lazily committed buffer untouched (no memory for a slot never filled)
+        r, self.slot_rank[slot] = self.slot_rank[slot], 0
+        if r == 0:
+            return
         for a_layer, b_layer in zip(self.a, self.b, strict=True):
             for group, a in a_layer.items():
-                a[slot].zero_()
+                a[slot, :r].zero_()
                 for b in b_layer[group]:
-                    b[slot].zero_()
+                    b[slot, :, :r].zero_()
 
     @torch.no_grad()
     def write(self, slot: int, adapter: LoadedAdapter) -> None:
