@@ -92,7 +92,9 @@ def run_group_bench(cfg: GroupBenchConfig) -> dict[str, Any]:
         _run(solo, [solo], batches[cfg.inflight[0]][:1], 4, "warm")
         result["one_stage"] = [_run(solo, [solo], batches[n], cfg.decode_tokens, f"s{n}")
                                for n in cfg.inflight]
-        result["one_stage_rss_mb"] = solo.stats()["peak_rss_mb"]
+        st = solo.stats()
+        result["one_stage_rss_mb"], result["one_stage_anon_mb"] = st["peak_rss_mb"], \
+            st["rss_anon_mb"]
     finally:
         solo.send({"exit": True})
         solo.kill()
@@ -106,8 +108,11 @@ def run_group_bench(cfg: GroupBenchConfig) -> dict[str, Any]:
         _run(stages[0], stages, batches[cfg.inflight[0]][:1], 4, "warm")
         result["two_stages"] = [_run(stages[0], stages, batches[n], cfg.decode_tokens, f"t{n}")
                                 for n in cfg.inflight]
-        result["two_stage_rss_mb"] = [s.stats()["peak_rss_mb"] for s in stages]
-        result["failover"] = _failover(cfg, model, ranges, stages, spare, batches, kw)
+        sts = [s.stats() for s in stages]
+        result["two_stage_rss_mb"] = [x["peak_rss_mb"] for x in sts]
+        result["two_stage_anon_mb"] = [x["rss_anon_mb"] for x in sts]
+        result["failover"] = _failover(cfg, model, ranges, stages, spare, batches, kw,
+                                       int(raw["vocab_size"]))
     finally:
         for s in [*stages, spare]:
             if s.proc.poll() is None:
@@ -119,9 +124,9 @@ def run_group_bench(cfg: GroupBenchConfig) -> dict[str, Any]:
 
 def _failover(cfg: GroupBenchConfig, model: Path, ranges: list[tuple[int, int]],
               stages: list[StageProc], spare: StageProc, batches: dict[int, list[list[int]]],
-              kw: dict[str, Any]) -> dict[str, Any]:
+              kw: dict[str, Any], vocab: int) -> dict[str, Any]:
     n = cfg.failover_inflight
-    batch = batches.get(n) or _prompts(n, cfg.prompt_tokens, 30000, n)
+    batch = batches.get(n) or _prompts(n, cfg.prompt_tokens, vocab, n)
     base = _run(stages[0], stages, batch, cfg.decode_tokens, "f-base")
     head = stages[0]
     t0 = time.perf_counter()
@@ -154,8 +159,10 @@ def _summarize(r: dict[str, Any], cfg: GroupBenchConfig) -> None:
     two = {x["inflight"]: x["tokens_per_s"] for x in r["two_stages"]}
     r["speedup_two_vs_one"] = {n: two[n] / one[n] for n in one if n in two}
     r["rss_share_per_stage"] = [x / r["one_stage_rss_mb"] for x in r["two_stage_rss_mb"]]
+    r["anon_share_per_stage"] = [x / r["one_stage_anon_mb"] for x in r["two_stage_anon_mb"]]
     r["targets"] = {
         "rss_per_stage_le_half_plus_10pct": all(s <= 0.6 for s in r["rss_share_per_stage"]),
+        "anon_per_stage_le_half_plus_10pct": all(s <= 0.6 for s in r["anon_share_per_stage"]),
         "speedup_ge_1.7_at_2N": max((v for n, v in r["speedup_two_vs_one"].items() if n >= 4),
                                     default=0.0) >= 1.7,
         "failover_cheaper_than_rerun": r["failover"]["failover_cost_s"]

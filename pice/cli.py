@@ -192,7 +192,8 @@ def cmd_bench_group(args: argparse.Namespace) -> int:
                            out_dir=args.out)
     r = run_group_bench(cfg)
     print(json.dumps({k: r[k] for k in ("plan", "speedup_two_vs_one", "rss_share_per_stage",
-                                        "failover", "targets")}, indent=2))
+                                        "anon_share_per_stage", "failover", "targets")},
+                     indent=2))
     return 0
 
 

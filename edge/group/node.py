@@ -23,6 +23,7 @@ from pice.edge.group import wire
 from pice.edge.group.driver import Driver, GroupSeq
 from pice.edge.group.links import CONNECT_DEADLINE_S, Links, StageConfig
 from pice.edge.group.stage_model import StagePart
+from pice.shared.errors import BadRequestError
 from pice.shared.sampling import SamplingParams
 
 log = logging.getLogger(__name__)
@@ -74,6 +75,9 @@ class StageNode(Links):
         driver = self.driver
         if driver is None:
             raise RuntimeError("this member is not the first stage of a configured group")
+        vocab = self.part.model.vocab_size if self.part is not None else None
+        if vocab is not None and any(not 0 <= t < vocab for t in prompt):
+            raise BadRequestError(f"prompt token ids must be in [0, {vocab})", field="prompt")
         seq = driver.new_seq(prompt, params, on_done)
         self.events.put(("submit", seq))
         return seq

@@ -39,10 +39,23 @@ def emit(obj: dict[str, Any]) -> None:
         sys.stdout.flush()
 
 
+def _rss_anon_mb() -> float:
+    """Anonymous resident memory now (weights, KV, activations), without the clean page-cache
+    pages of the mmapped checkpoint that peak RSS also counts."""
+    try:
+        for line in open("/proc/self/status").read().splitlines():  # noqa: SIM115
+            if line.startswith("RssAnon:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return 0.0
+
+
 def stats(node: StageNode) -> dict[str, Any]:
     wall = time.perf_counter() - node.started
     out: dict[str, Any] = {"event": "stats", "busy_s": node.busy_s, "wall_s": wall,
                            "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+                           "rss_anon_mb": _rss_anon_mb(),
                            **node.stats}
     if node.driver is not None:
         out.update(node.driver.stats)
