@@ -117,9 +117,11 @@ def rubric(gen: TextGenerator, question: str, answer: str) -> float:
 
 
 def validate(gen: TextGenerator, items: list[tuple[str, str]], judges: tuple[str, ...] = (
-        "pairwise", "rubric"), progress: Any = None) -> dict[str, Any]:
+        "pairwise", "rubric"), progress: Any = None,
+        on_row: Any = None) -> dict[str, Any]:
     """`items`: (question, full answer). Per judge: share correct overall and per corruption
-    (pairwise: in both orders), and the pairwise judge's position bias."""
+    (pairwise: in both orders), and the pairwise judge's position bias. `on_row(report)` gets
+    the report so far after every pair (a long run keeps what it did)."""
     rows: list[dict[str, Any]] = []
     for n, (question, full) in enumerate(items):
         full_score = rubric(gen, question, full) if "rubric" in judges else None
@@ -137,6 +139,12 @@ def validate(gen: TextGenerator, items: list[tuple[str, str]], judges: tuple[str
             rows.append(row)
             if progress is not None:
                 progress.update(1)
+            if on_row is not None:
+                on_row(summarize(rows, judges))
+    return summarize(rows, judges)
+
+
+def summarize(rows: list[dict[str, Any]], judges: tuple[str, ...]) -> dict[str, Any]:
     report: dict[str, Any] = {"pairs": len(rows), "pass_at": PASS, "rows": rows}
     for j in judges:
         key = f"correct_{j}"

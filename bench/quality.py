@@ -351,7 +351,10 @@ def _validate_judge(gen: TextGenerator, cfg: QualityConfig, progress: bool,
     t0 = time.perf_counter()
     with tqdm(total=len(items) * len(CORRUPTIONS), desc="judge validation", unit="pair",
               disable=not progress) as bar:
-        report = validate(gen, items, progress=bar)
+        cfg.out_dir.mkdir(parents=True, exist_ok=True)
+        partial = cfg.out_dir / "quality_judge.json"
+        report = validate(gen, items, progress=bar, on_row=lambda r: partial.write_text(
+            json.dumps({**r, "items": len(items), "partial": True}, indent=2)))
     report["items"] = len(items)
     report["judge_model"] = cfg.cloud_model
     report["seconds"] = time.perf_counter() - t0
