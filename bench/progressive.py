@@ -54,7 +54,7 @@ class Row:
     mode: str  # requested
     ran: str  # what actually ran (a failed sketch falls back to cloud)
     latency: float  # seconds, request start → done
-    ttft: float  # seconds to first answer text (a section, or a full-cloud token)
+    ttft: float  # seconds to first answer text (a sketch point, or a full-cloud token)
     sketch_s: float  # seconds until the sketch was ready (0 for full cloud)
     cloud_tokens: int
     edge_tokens: int
