@@ -22,9 +22,9 @@ QUESTIONS = ["How can I sleep better at night?", "Explain what a hash map is.",
 def test_packaged_model_split_in_two_matches_the_engine(tmp_path: Path) -> None:
     model = Path(resolve_model(DEFAULT_EDGE_MODEL).path)
     tok = AutoTokenizer.from_pretrained(model)
-    batch = [tok.apply_chat_template([{"role": "user", "content": q}], add_generation_prompt=True)
-             for q in QUESTIONS]
-    batch = [list(b["input_ids"] if isinstance(b, dict) else b) for b in batch]
+    texts = [tok.apply_chat_template([{"role": "user", "content": q}], tokenize=False,
+                                     add_generation_prompt=True) for q in QUESTIONS]
+    batch = [list(tok(t, add_special_tokens=False)["input_ids"]) for t in texts]
     want = engine_tokens(model, batch, 24)
     stages = [StageProc(tmp_path, f"s{i}") for i in range(2)]
     try:
