@@ -74,6 +74,29 @@ def clean_expansion(text: str, point: str = "") -> str:
     return text.strip().split("\n\n", 1)[0].strip()
 
 
+_WORDS = re.compile(r"[a-z0-9']+")
+_SENTENCE_END = re.compile(r"(?<=[.!?])\s+")
+
+
+def _grams(text: str, n: int = 4) -> set[tuple[str, ...]]:
+    w = _WORDS.findall(text.lower())
+    return {tuple(w[i:i + n]) for i in range(len(w) - n + 1)}
+
+
+def drop_copied(text: str, example: str = _EXAMPLE_REPLY) -> str:
+    """The text without the sentences copied from the worked example (a base model given one
+    example sometimes repeats it under any point): a sentence whose 4-word shingles are mostly
+    the example's is dropped; one that merely shares a phrase with it is kept."""
+    seen = _grams(example)
+    kept = []
+    for sentence in _SENTENCE_END.split(text):
+        mine = _grams(sentence)
+        if mine and len(mine & seen) / len(mine) >= 0.5:
+            continue
+        kept.append(sentence)
+    return " ".join(kept).strip()
+
+
 class EdgeWorker:
     """An in-process edge worker: one model, batched expansion. The network agent wraps the same
     `expand` call."""
@@ -102,10 +125,12 @@ class EdgeWorker:
             adapters = [t.adapter for t in tasks]  # None → the base model
             for i, out in self.generator.generate_iter(prompts, params, adapters):
                 t = tasks[i]
+                body = clean_expansion(out.text, t.sketch[t.index])
+                if few_shot:
+                    body = drop_copied(body)
                 yield ExpansionResult(
                     request_id=t.request_id, index=t.index, candidate=t.candidate,
-                    text=f"{t.sketch[t.index]}: {clean_expansion(out.text, t.sketch[t.index])}"
-                    .rstrip(": "),
+                    text=f"{t.sketch[t.index]}: {body}".rstrip(": "),
                     worker=self.worker_id, model=self.generator.name, adapter=t.adapter,
                     tokens=out.completion_tokens, mean_logprob=out.mean_logprob,
                     logprobs=out.logprobs, finish_reason=out.finish_reason,

@@ -1,6 +1,6 @@
 import pytest
 
-from pice.edge.expander import EdgeWorker, clean_expansion, expansion_messages
+from pice.edge.expander import EdgeWorker, clean_expansion, drop_copied, expansion_messages
 from pice.shared.hf_backend import HFGenerator
 from pice.shared.protocol import ExpansionTask
 from pice.shared.sampling import Completion, SamplingParams
@@ -62,3 +62,21 @@ def test_clean_expansion(raw: str, clean: str) -> None:
 def test_clean_expansion_drops_a_restated_point() -> None:
     assert clean_expansion("Dark room: keep it dark.", "Dark room") == "keep it dark."
     assert clean_expansion("Keep it dark.", "Dark room") == "Keep it dark."
+
+
+# gemma-3-270m's real replies (captured from the packaged model on "What are good habits for
+# remote work?"): under "Take breaks" and "Stay organized" it repeated its worked example.
+COPIED = ("Getting up at the same time every day, weekends included, sets your body clock so that "
+          "waking up feels easier. Your mornings then start on schedule instead of with a "
+          "scramble.")
+
+
+@pytest.mark.parametrize(("raw", "kept"), [
+    (COPIED, ""),
+    ("Short pauses restore focus. " + COPIED, "Short pauses restore focus."),
+    # sharing a phrase with the example is no copy
+    ("Go to bed and get up at the same time every day. A steady rhythm deepens sleep.",
+     "Go to bed and get up at the same time every day. A steady rhythm deepens sleep."),
+])
+def test_sentences_copied_from_the_worked_example_are_dropped(raw: str, kept: str) -> None:
+    assert drop_copied(raw) == kept
