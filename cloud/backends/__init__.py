@@ -28,7 +28,8 @@ def cloud_generator(settings: ServeSettings, load_local: Callable[[str], TextGen
         cfg = OpenAISettings()
         tokenizer = None
         if cfg.tokenizer is not None:
-            path = resolve_model(cfg.tokenizer, settings.cache_dir, progress=progress).path
+            path = resolve_model(cfg.tokenizer, settings.cache_dir, progress=progress,
+                                 dense=False).path  # the tokenizer only
             tokenizer = ChatTokenizer(str(path), settings.max_context)
         return OpenAIGenerator(settings.cloud_model, cfg, settings.max_context, tokenizer)
     if kind == "vllm":

@@ -53,9 +53,12 @@ def prompt_side(settings: ServeSettings) -> Any:
 
         spec = OpenAISettings().tokenizer
         tok = None if spec is None else ChatTokenizer(
-            resolve_model(spec, settings.cache_dir, progress=False).path, settings.max_context)
+            resolve_model(spec, settings.cache_dir, progress=False, dense=False).path,
+            settings.max_context)
         return chat_prompt.ChatAPIPrompts(settings.max_context, tok)
-    path = resolve_model(settings.cloud_model, settings.cache_dir, progress=False).path
+    # the tokenizer and chat template only: no dense fp32 copy of a GGUF model's weights
+    path = resolve_model(settings.cloud_model, settings.cache_dir, progress=False,
+                         dense=False).path
     return ChatTokenizer(str(Path(path)), settings.max_context)
 
 
