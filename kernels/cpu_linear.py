@@ -39,11 +39,11 @@ def load_kernel() -> Any | None:
         log.info("cpu_linear: no AVX2/FMA x86-64 CPU; using torch's linear")
         return None
     try:
-        from torch.utils.cpp_extension import load
+        from pice.kernels.build import load_extension
 
-        return load(name="pice_skinny_linear", sources=[str(_SOURCE)],
-                    extra_cflags=["-O3", "-mavx2", "-mfma", "-fopenmp"],
-                    extra_ldflags=["-fopenmp"], verbose=False)
+        return load_extension("pice_skinny_linear", sources=[str(_SOURCE)],
+                              extra_cflags=["-O3", "-mavx2", "-mfma", "-fopenmp"],
+                              extra_ldflags=["-fopenmp"], verbose=False)
     except Exception as exc:  # no compiler / headers: keep torch's path
         log.warning("cpu_linear: could not build the AVX2 kernel (%s); using torch's linear",
                     exc)

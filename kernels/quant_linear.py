@@ -30,11 +30,11 @@ def load_quant_kernel() -> Any | None:
     """The compiled extension, or None where it cannot be built here."""
     flags = ["-O3", "-fopenmp"]  # SIMD code is enabled per file by target pragmas
     try:
-        from torch.utils.cpp_extension import load
+        from pice.kernels.build import load_extension
 
-        return load(name="pice_quant_linear", sources=[str(s) for s in _SOURCES],
-                    extra_cflags=flags, extra_ldflags=["-fopenmp"],
-                    extra_include_paths=[str(_CSRC)], verbose=False)
+        return load_extension("pice_quant_linear", sources=[str(s) for s in _SOURCES],
+                              extra_cflags=flags, extra_ldflags=["-fopenmp"],
+                              extra_include_paths=[str(_CSRC)], verbose=False)
     except Exception as exc:  # no compiler / headers: the torch reference path
         log.warning("quant_linear: could not build the kernels (%s); using the torch reference",
                     exc)
