@@ -56,15 +56,21 @@ class ChatTokenizer:
         return len(self.encode(text))
 
     def check_fits(self, prompt_tokens: int, max_tokens: int) -> None:
-        if max_tokens >= self.max_context:
-            raise ContextLengthError(
-                f"max_tokens {max_tokens} exceeds the context limit of {self.max_context}",
-                field="max_tokens")
-        if prompt_tokens + max_tokens > self.max_context:
-            raise ContextLengthError(
-                f"prompt has {prompt_tokens} tokens and max_tokens is {max_tokens}: "
-                f"{prompt_tokens + max_tokens} exceeds the context limit of {self.max_context}",
-                field="messages")
+        check_fits(prompt_tokens, max_tokens, self.max_context)
+
+
+def check_fits(prompt_tokens: int, max_tokens: int, max_context: int) -> None:
+    """A request of `prompt_tokens` + `max_tokens` fits a context of `max_context`, or a 400
+    naming the field to change."""
+    if max_tokens >= max_context:
+        raise ContextLengthError(
+            f"max_tokens {max_tokens} exceeds the context limit of {max_context}",
+            field="max_tokens")
+    if prompt_tokens + max_tokens > max_context:
+        raise ContextLengthError(
+            f"prompt has {prompt_tokens} tokens and max_tokens is {max_tokens}: "
+            f"{prompt_tokens + max_tokens} exceeds the context limit of {max_context}",
+            field="messages")
 
 
 def trim_at_stop(text: str, stop: tuple[str, ...]) -> tuple[str, bool]:

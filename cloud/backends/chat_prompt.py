@@ -8,8 +8,7 @@ import json
 import math
 from typing import Any
 
-from pice.shared.errors import ContextLengthError
-from pice.shared.tokenizer import ChatTokenizer, Message
+from pice.shared.tokenizer import ChatTokenizer, Message, check_fits
 
 TAG = "\x1epice-chat\x1e"  # record separators: never in a chat template's output
 CHARS_PER_TOKEN = 4  # estimate for counting without the upstream's tokenizer (BPE on English)
@@ -79,12 +78,4 @@ class ChatAPIPrompts:
         return count(text, self.tokenizer)
 
     def check_fits(self, prompt_tokens: int, max_tokens: int) -> None:
-        if max_tokens >= self.max_context:
-            raise ContextLengthError(
-                f"max_tokens {max_tokens} exceeds the context limit of {self.max_context}",
-                field="max_tokens")
-        if prompt_tokens + max_tokens > self.max_context:
-            raise ContextLengthError(
-                f"prompt has {prompt_tokens} tokens and max_tokens is {max_tokens}: "
-                f"{prompt_tokens + max_tokens} exceeds the context limit of {self.max_context}",
-                field="messages")
+        check_fits(prompt_tokens, max_tokens, self.max_context)
