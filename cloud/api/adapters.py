@@ -19,6 +19,7 @@ from starlette.formparsers import MultiPartException
 from pice.cloud.adapter_catalog import ADAPTER_FILES, AdapterCard, AdapterCatalog, AdapterRecord
 from pice.cloud.api.adapter_uploads import CappedParser, body_capped, copy_capped, stage_local
 from pice.cloud.api.deps import get_catalog, get_tenant
+from pice.cloud.api.errors import json_problem
 from pice.cloud.tenants import NAME_RE, Tenant
 from pice.shared.errors import BadRequestError, PayloadTooLargeError
 
@@ -118,8 +119,10 @@ async def _parse(request: Request, limit: int) -> tuple[AdapterFields, dict[str,
         raw = b"".join([c async for c in body_capped(request, _MAX_JSON)])
         try:
             body = json.loads(raw)
-        except (ValueError, RecursionError) as exc:
-            raise BadRequestError(f"body is not valid JSON: {exc}", field="body") from exc
+        except ValueError as exc:
+            raise BadRequestError(json_problem(exc)) from exc
+        except RecursionError as exc:
+            raise BadRequestError("body is not valid JSON: nested too deeply") from exc
         if not isinstance(body, dict):
             raise BadRequestError("body must be a JSON object", field="body")
         fields = _fields(body)
