@@ -2,19 +2,20 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import sys
+import time
+from dataclasses import dataclass
 from typing import Any
 
 import httpx
 from httpx_sse import aconnect_sse
 
-from pice.cloud.api.progressive import _answer_request
-from pice.cloud.api.schemas import ProgressiveRequest
-from pice.cloud.events import DeltaEvent, DoneEvent, PointEvent, SectionEvent, SketchEvent
-from pice.cloud.metrics import Metrics
-from pice.runtime import build_pipeline
 from pice.shared.config import ServeSettings
+
+CONNECT_S = 5.0  # a server that does not accept within this is "none answers"
+EVENT_GAP_S = 120.0  # longest silence between two events (the server pings every 15 s)
 
 
 class _Printer:
@@ -70,6 +71,13 @@ class _Printer:
 
 
 async def ask_local(settings: ServeSettings, body: dict[str, Any]) -> int:
+    """`--local`: load every model in this process (as `pice serve` does) and answer once."""
+    from pice.cloud.api.progressive import _answer_request
+    from pice.cloud.api.schemas import ProgressiveRequest
+    from pice.cloud.events import DeltaEvent, DoneEvent, PointEvent, SectionEvent, SketchEvent
+    from pice.cloud.metrics import Metrics
+    from pice.runtime import build_pipeline
+
     req = _answer_request(ProgressiveRequest(**{k: v for k, v in body.items() if v is not None}),
                           settings.default_max_tokens)
     pipeline = build_pipeline(settings, Metrics())
@@ -90,19 +98,85 @@ async def ask_local(settings: ServeSettings, body: dict[str, Any]) -> int:
     return 0
 
 
-async def ask_remote(url: str, body: dict[str, Any]) -> int:
+def default_url(settings: ServeSettings) -> str:
+    """Where `pice serve` listens with the same settings (PICE_HOST / PICE_PORT)."""
+    host = "127.0.0.1" if settings.host in ("0.0.0.0", "", "::") else settings.host
+    host = f"[{host}]" if ":" in host else host
+    return f"http://{host}:{settings.port}"
+
+
+@dataclass
+class RemoteOptions:
+    url: str
+    api_key: str | None = None
+    wait_s: float = 600.0  # how long to wait for a server that is still loading its models
+
+
+def _fail(message: str) -> int:
+    print(f"pice: error: {message}", file=sys.stderr)
+    return 1
+
+
+def _wait_ready(client: httpx.Client, opts: RemoteOptions) -> str | None:
+    """None once GET /ready is 200; else why not (no server, failed, still loading)."""
+    deadline = time.monotonic() + opts.wait_s
+    told = False
+    while True:
+        try:
+            r = client.get("/ready")
+        except httpx.TransportError as exc:
+            return (f"no pice server at {opts.url} ({type(exc).__name__}); start one with "
+                    "`make serve`, or pass --local to load the models in this process")
+        if r.status_code == 200:
+            return None
+        try:
+            state = r.json()
+        except ValueError:
+            return f"{opts.url}/ready answered {r.status_code} and is not a pice server"
+        if state.get("status") != "loading":
+            return f"the server at {opts.url} is not ready: {state.get('error', r.text)}"
+        if time.monotonic() >= deadline:
+            return (f"the server at {opts.url} is still loading its models after "
+                    f"{opts.wait_s:g}s (--wait); try again when GET /ready is 200")
+        if not told:
+            print(f"pice: the server at {opts.url} is loading its models; waiting up to "
+                  f"{opts.wait_s:g}s (--wait)", file=sys.stderr)
+            told = True
+        time.sleep(min(2.0, max(0.0, deadline - time.monotonic())))
+
+
+def ask_remote(opts: RemoteOptions, body: dict[str, Any]) -> int:
+    """Ask a running server (`pice serve`) and print its progressive answer as it streams."""
+    headers = {"authorization": f"Bearer {opts.api_key}"} if opts.api_key else {}
+    with httpx.Client(base_url=opts.url, headers=headers,
+                      timeout=httpx.Timeout(EVENT_GAP_S, connect=CONNECT_S)) as probe:
+        problem = _wait_ready(probe, opts)
+    if problem is not None:
+        return _fail(problem)
+    return asyncio.run(_stream(opts, headers, body))
+
+
+async def _stream(opts: RemoteOptions, headers: dict[str, str], body: dict[str, Any]) -> int:
+    timeout = httpx.Timeout(EVENT_GAP_S, connect=CONNECT_S)
     payload = {k: v for k, v in body.items() if v is not None}
-    timeout = httpx.Timeout(10, read=900)
-    async with httpx.AsyncClient(base_url=url, timeout=timeout) as client, aconnect_sse(
-            client, "POST", "/v1/progressive", json=payload) as source:
-        if source.response.status_code != 200:
-            await source.response.aread()
-            print(f"error {source.response.status_code}: {source.response.text}",
-                  file=sys.stderr)
-            return 1
-        _print = _Printer()
-        async for sse in source.aiter_sse():
-            _print(sse.event, json.loads(sse.data))
-            if sse.event == "error":
-                return 1
+    try:
+        async with httpx.AsyncClient(base_url=opts.url, timeout=timeout,
+                                     headers=headers) as client, aconnect_sse(
+                client, "POST", "/v1/progressive", json=payload) as source:
+            if source.response.status_code != 200:
+                await source.response.aread()
+                try:
+                    message = source.response.json()["error"]["message"]
+                except (ValueError, KeyError, TypeError):
+                    message = source.response.text
+                return _fail(f"{source.response.status_code} from {opts.url}: {message}")
+            _print = _Printer()
+            async for sse in source.aiter_sse():
+                _print(sse.event, json.loads(sse.data))
+                if sse.event == "error":
+                    return 1
+    except httpx.ReadTimeout:
+        return _fail(f"the server at {opts.url} sent nothing for {EVENT_GAP_S:g}s")
+    except httpx.TransportError as exc:
+        return _fail(f"lost the server at {opts.url}: {type(exc).__name__}: {exc}")
     return 0

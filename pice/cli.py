@@ -58,13 +58,20 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def cmd_ask(args: argparse.Namespace) -> int:
-    from pice.ask import ask_local, ask_remote
+    from pice.ask import RemoteOptions, ask_local, ask_remote, default_url
 
     body = {"question": args.question, "mode": args.mode, "max_points": args.max_points,
             "max_tokens": args.max_tokens}
-    if args.url:
-        return asyncio.run(ask_remote(args.url, body))
-    return asyncio.run(ask_local(_settings(args), body))
+    if args.local:
+        return asyncio.run(ask_local(_settings(args), body))
+    local_only = [f"--{k.replace('_', '-')}" for k in ("cloud_model", "edge_model", "cache_dir",
+                  "threads", "backend", "quantization") if getattr(args, k) is not None]
+    if local_only:
+        print(f"pice: error: {', '.join(local_only)} apply with --local only (a running server "
+              "answers with its own models)", file=sys.stderr)
+        return 2
+    url = (args.url or default_url(ServeSettings())).rstrip("/")
+    return ask_remote(RemoteOptions(url, args.api_key, args.wait), body)
 
 
 def cmd_models(args: argparse.Namespace) -> int:
@@ -286,13 +293,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--file", type=Path, help="token file (default $PICE_EDGE_TOKENS_FILE)")
     p.set_defaults(fn=cmd_edge_token)
 
-    p = sub.add_parser("ask", help="ask one question; prints the sketch, then each section")
+    p = sub.add_parser("ask", help="ask the running server one question; prints the sketch, "
+                       "then each section")
     _model_args(p)
     p.add_argument("question")
     p.add_argument("--mode", default="auto", choices=["auto", "cloud", "progressive"])
     p.add_argument("--max-points", type=int)
     p.add_argument("--max-tokens", type=int, default=512)
-    p.add_argument("--url", help="ask a running server (e.g. http://127.0.0.1:8000) instead")
+    p.add_argument("--url", help="the server (default http://PICE_HOST:PICE_PORT, "
+                   "i.e. http://127.0.0.1:8000)")
+    p.add_argument("--api-key", default=os.environ.get("PICE_API_KEY"),
+                   help="the server's API key, if it has keys (default $PICE_API_KEY)")
+    p.add_argument("--wait", type=float, default=600.0,
+                   help="seconds to wait for a server still loading its models (default 600)")
+    p.add_argument("--local", action="store_true",
+                   help="no server: load every model in this process (the model flags apply)")
     p.set_defaults(fn=cmd_ask)
 
     p = sub.add_parser("models", help="list, prepare (assemble + convert) or verify models")
