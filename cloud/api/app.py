@@ -11,7 +11,7 @@ from contextlib import asynccontextmanager
 from fastapi import Depends, FastAPI
 
 from pice.cloud.adapter_catalog import open_catalog
-from pice.cloud.api import adapters, chat, edges, ops, progressive
+from pice.cloud.api import adapters, chat, edges, ops, playground, progressive
 from pice.cloud.api.deps import get_tenant
 from pice.cloud.api.errors import install_error_handlers
 from pice.cloud.api.limits import RequestLimits
@@ -67,5 +67,6 @@ def create_app(settings: ServeSettings, builder: Builder) -> FastAPI:
         app.include_router(router, dependencies=[Depends(get_tenant)])
     for router in (ops.router, edges.router):  # agents authenticate with edge tokens
         app.include_router(router)
+    app.include_router(playground.router)  # the browser page at /: it sends the user's key
     install_openapi(app)
     return app
