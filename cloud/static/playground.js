@@ -209,7 +209,7 @@ function showDone(d, t) {
   mode.textContent = d.mode;
   mode.className = d.mode === "cloud" ? "tag cloud" : "tag";
   mode.hidden = false;
-  if (d.reason) { $("reason").textContent = d.reason; $("reason").hidden = false; }
+  if (d.reason) { $("reason").textContent = `Why: ${d.reason}`; $("reason").hidden = false; }
   $("cloud-text").classList.remove("live");
   const tm = d.timings || {};
   const tk = d.tokens || {};

@@ -12,10 +12,10 @@ import os
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import httpx
 import pytest
+from playwright.sync_api import Browser, Page, expect, sync_playwright
 
 from pice.cloud.tenants import hash_key
 from pice.shared.config import ServeSettings
@@ -30,14 +30,12 @@ KEY = "pk-playground-test-key"
 
 
 @pytest.fixture(scope="module")
-def browser() -> Iterator[Any]:
+def browser() -> Iterator[Browser]:
     if not CHROMIUM.exists():
         if os.environ.get("PICE_NO_BROWSER"):
             pytest.skip(f"PICE_NO_BROWSER set and no chromium at {CHROMIUM}")
         pytest.fail(f"no chromium at {CHROMIUM}: apt-get install chromium (or set PICE_CHROMIUM; "
                     "PICE_NO_BROWSER=1 skips the browser tests)")
-    from playwright.sync_api import sync_playwright
-
     with sync_playwright() as p:
         b = p.chromium.launch(executable_path=str(CHROMIUM), args=ARGS)
         yield b
@@ -73,17 +71,18 @@ window.fetch = async (url, init) => {
 """
 
 
-def received(page: Any, path: str) -> str:
+def received(page: Page, path: str) -> str:
     page.wait_for_function(f"() => typeof window.__received[{path!r}] === 'string'",
                            timeout=60_000)
     return str(page.evaluate(f"() => window.__received[{path!r}]"))
 
 
-def deadline_ms(url: str, question: str) -> float:
+def deadline_ms(url: str, question: str, key: str | None = None) -> float:
     """A generous wait for one answer in the browser, derived from this machine: 20x the time
     the same request takes through the API (at least two minutes)."""
     t0 = time.monotonic()
     r = httpx.post(f"{url}/v1/progressive", timeout=600,
+                   headers={"Authorization": f"Bearer {key}"} if key else None,
                    json={"question": question, "max_tokens": 60, "stream": False})
     assert r.status_code == 200, r.text
     return max(120.0, 20 * (time.monotonic() - t0)) * 1000
@@ -107,9 +106,7 @@ def test_assets_are_local_and_locked_down(server: LiveServer) -> None:
 
 
 def test_question_streams_sketch_sections_cloud_and_edges(server: LiveServer,
-                                                          browser: Any) -> None:
-    from playwright.sync_api import expect
-
+                                                          browser: Browser) -> None:
     question = SKETCH_QUESTIONS[0]
     wait = deadline_ms(server.url, question)
     page = browser.new_page(viewport={"width": 1440, "height": 1000})
@@ -192,10 +189,8 @@ def keyed(sketch_model_dir: Path, tmp_path_factory: pytest.TempPathFactory
     live.stop()
 
 
-def test_api_key_is_asked_for_then_kept(keyed: LiveServer, browser: Any) -> None:
-    from playwright.sync_api import expect
-
-    wait = 120_000
+def test_api_key_is_asked_for_then_kept(keyed: LiveServer, browser: Browser) -> None:
+    wait = deadline_ms(keyed.url, SKETCH_QUESTIONS[1], KEY)
     page = browser.new_page()
     page.goto(f"{keyed.url}/")
     expect(page.locator("#edges-note")).to_have_text("key needed", timeout=wait)
@@ -212,7 +207,7 @@ def test_api_key_is_asked_for_then_kept(keyed: LiveServer, browser: Any) -> None
     page.fill("#question", SKETCH_QUESTIONS[1])
     page.fill("#max-tokens", "60")
     page.click("#ask")
-    expect(page.locator("#summary")).to_be_visible(timeout=10 * wait)
+    expect(page.locator("#summary")).to_be_visible(timeout=wait)
     expect(page.locator("#notice")).to_be_hidden()
     expect(page.locator("#sections li.section[data-state='done']")).to_have_count(3)
     page.close()
