@@ -37,6 +37,7 @@ from pice.shared.models.cache import default_cache_dir
 log = logging.getLogger(__name__)
 
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
+BUILTIN_OWNER = "pice"  # owner shown for the adapters the server loads itself
 
 
 class AdapterHost(Protocol):
@@ -65,10 +66,12 @@ class AdapterRecord(BaseModel):
     dir: str  # its directory, relative to the state dir
     created: int  # unix seconds
     error: str | None = None  # why it could not be loaded at startup (then it is unusable)
+    # loaded by the server itself (the shipped pice-expander): public, read-only, never saved
+    builtin: bool = False
 
     @property
     def engine_name(self) -> str:
-        return f"{self.owner}/{self.name}"
+        return self.name if self.builtin else f"{self.owner}/{self.name}"
 
     def ref(self, tenant: Tenant) -> str:
         """How `tenant` names it: plain for its own, `owner/name` for another's public one."""
@@ -125,10 +128,27 @@ class AdapterCatalog:
             if f"adapters/{d.name}" not in known:
                 shutil.rmtree(d, ignore_errors=True)
 
+    def add_builtin(self) -> None:
+        """List the adapters the server loaded itself (the shipped `pice-expander`) for every
+        tenant: public, read-only, reserved names. They get no card text, so AAS never picks
+        them (they are trained for point expansion, not for chat)."""
+        with self._lock:
+            for base, host in self.hosts.items():
+                for info in host.adapters():
+                    if "/" in info.name or info.name in self._records:
+                        continue  # tenants' adapters are owner/name
+                    card = AdapterCard(description="Loaded by the server at startup; "
+                                       "read-only.")
+                    self._records[info.name] = AdapterRecord(
+                        name=info.name, owner=BUILTIN_OWNER, public=True, card=card,
+                        base_model=base, dir="", created=0, builtin=True)
+                    self.reserved.add(info.name.lower())
+
     def _save(self, records: dict[str, AdapterRecord]) -> None:
         path = self.state_dir / "adapters.json"
         tmp = path.with_suffix(".json.tmp")
-        body = _CatalogFile(adapters=list(records.values())).model_dump_json(indent=1)
+        body = _CatalogFile(adapters=[r for r in records.values() if not r.builtin]
+                            ).model_dump_json(indent=1)
         tmp.write_text(body)
         os.replace(tmp, path)
 
@@ -231,6 +251,9 @@ class AdapterCatalog:
         then its record and files go."""
         with self._lock:
             rec = self.resolve(tenant, ref, field="name")
+            if rec.builtin:
+                raise ForbiddenError(f"adapter {ref!r} ships with the server and is read-only",
+                                     field="name")
             if rec.owner != tenant.name:
                 raise ForbiddenError(f"adapter {ref!r} belongs to another tenant", field="name")
             host = self.hosts.get(rec.base_model)
@@ -265,7 +288,8 @@ class AdapterCatalog:
                                   field="base_model")
         pool = _pool(self.hosts[base])
         with self._lock:
-            recs = [r for r in self._records.values() if r.base_model == base and not r.error]
+            recs = [r for r in self._records.values()
+                    if r.base_model == base and not r.error and not r.builtin]
         sources = [Source(r.engine_name, self.state_dir / r.dir, r.owner, r.public)
                    for r in recs]
         if not sources:
@@ -306,4 +330,5 @@ def open_catalog(settings: ServeSettings, edge_generators: Mapping[str, object],
                                         margin=settings.aas_margin))
     catalog = AdapterCatalog(state, hosts, router, reserved)
     catalog.restore()
+    catalog.add_builtin()
     return catalog

@@ -60,6 +60,9 @@ class ChatCompletionRequest(BaseModel):
     stream: bool = False
     stop: str | list[str] | None = None
     seed: int | None = None
+    # per-token log-probabilities of the answer (then one model writes it: cloud/api/logprobs.py)
+    logprobs: bool = False
+    top_logprobs: int | None = Field(None, ge=0, le=20)  # only 0: the engine keeps the chosen one
     pice: PiceOptions = Field(default_factory=PiceOptions)
 
     _v_messages = field_validator("messages")(_check_messages)
@@ -85,10 +88,26 @@ class AssistantMessage(BaseModel):
     content: str
 
 
+class TopLogprob(BaseModel):
+    token: str  # the token's text ("" for one that ends inside a multi-byte character)
+    logprob: float  # log p(token) under the model that wrote it
+    bytes: list[int] | None = None  # its UTF-8 bytes
+
+
+class TokenLogprob(TopLogprob):
+    top_logprobs: list[TopLogprob] = Field(default_factory=list)  # always empty here
+
+
+class ChoiceLogprobs(BaseModel):
+    content: list[TokenLogprob] | None = None  # one per answer token, in order
+    refusal: list[TokenLogprob] | None = None
+
+
 class Choice(BaseModel):
     index: int = 0
     message: AssistantMessage
     finish_reason: str
+    logprobs: ChoiceLogprobs | None = None  # with `logprobs: true`
 
 
 class Usage(BaseModel):

@@ -4,6 +4,7 @@ streaming), httpx for the SSE endpoint and the bad-input table."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import httpx
 import openai
@@ -61,9 +62,10 @@ def test_openai_progressive_stream(server: LiveServer) -> None:
         for i, (line, t) in enumerate(zip(lines, titles, strict=True)))
 
 
-def test_models_list(server: LiveServer) -> None:
+def test_models_list(server: LiveServer, sketch_model_dir: Path) -> None:
+    """`pice` first (the name every example uses), then the cloud model (also the edge here)."""
     models = client(server).models.list()
-    assert len(models.data) == 1  # cloud and edge are the same tiny model here
+    assert [m.id for m in models.data] == ["pice", str(sketch_model_dir)]
 
 
 def test_progressive_sse_events(server: LiveServer) -> None:
