@@ -173,6 +173,26 @@ def test_question_streams_sketch_sections_cloud_and_edges(server: LiveServer,
     page.close()
 
 
+def test_cloud_mode_streams_into_the_answer_panel(server: LiveServer, browser: Browser) -> None:
+    wait = deadline_ms(server.url, SKETCH_QUESTIONS[1])
+    page = browser.new_page()
+    page.add_init_script(TEE)
+    page.goto(f"{server.url}/")
+    page.fill("#question", "Hello there")
+    page.select_option("#mode", "cloud")
+    page.fill("#max-tokens", "12")
+    page.click("#ask")
+    expect(page.locator("#summary")).to_be_visible(timeout=wait)
+    events = sse_events(received(page, "/v1/progressive"))
+    deltas = "".join(json.loads(d)["text"] for k, d in events if k == "delta")
+    assert deltas and page.locator("#cloud-text").text_content() == deltas
+    expect(page.locator("#run-mode")).to_have_text("cloud")
+    expect(page.locator("#sections li")).to_have_count(0)
+    labels = page.locator("#timeline li .what").all_text_contents()
+    assert labels == ["request sent", "first cloud token", "done (cloud)"]
+    page.close()
+
+
 @pytest.fixture(scope="module")
 def keyed(sketch_model_dir: Path, tmp_path_factory: pytest.TempPathFactory
           ) -> Iterator[LiveServer]:
