@@ -290,6 +290,9 @@ async function ask() {
   } catch (err) {
     if (ctl.signal.aborted) return;
     $("run-status").textContent = "failed";
+    for (const w of $("sections").querySelectorAll("li[data-state='pending'] .waiting")) {
+      w.replaceChildren("not delivered");
+    }
     showNotice(String(err.message || err));
   } finally {
     if (current === ctl) { current = null; $("ask").disabled = false; }
