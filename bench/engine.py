@@ -17,6 +17,7 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
+from pice.kernels.membench import read_bandwidth_gb_s
 from pice.shared.models import DEFAULT_EDGE_MODEL, resolve_model
 
 
@@ -31,13 +32,11 @@ class EngineBenchConfig:
     threads: int = 0
 
 
-def memory_read_bandwidth(gib: float = 1.0, reps: int = 12) -> float:
-    """GB/s for streaming reads (a sum over all threads) of a buffer far larger than the
-    caches, best of `reps`: an upper bound that the decode fraction is measured against."""
-    x = torch.ones(int(gib * 2**30) // 4)
-    x.sum()  # fault the pages in
-    best = min(_seconds(x.sum) for _ in range(reps))
-    return x.numel() * 4 / best / 1e9
+def memory_read_bandwidth(gib: float = 1.0, reps: int = 12, threads: int = 0) -> float:
+    """GB/s streaming a buffer far larger than the caches, read the way decode reads weights
+    (each of `threads` threads, 0: torch's, sums its share): the limit every system's batch-1
+    decode is measured against."""
+    return read_bandwidth_gb_s(gib, reps, threads)
 
 
 def _seconds(fn: Any) -> float:
@@ -70,7 +69,7 @@ def run_engine_bench(cfg: EngineBenchConfig) -> dict[str, Any]:
     ]
     results: dict[str, Any] = {}
     bar = tqdm(jobs, desc="bench engine", unit="job")
-    bw = memory_read_bandwidth()
+    bw = memory_read_bandwidth(threads=cfg.threads)
     for name, spec in bar:
         bar.set_postfix_str(name)
         results[name] = _worker(spec)
@@ -103,6 +102,10 @@ def _ratios(r: dict[str, Any], bw_gb_s: float) -> dict[str, float]:
         out["engine_b1_fraction_of_bandwidth_limit"] = eng[1]["decode_tok_s"] / limit
         if 1 in hf:
             out["hf_b1_fraction_of_bandwidth_limit"] = hf[1]["decode_tok_s"] / limit
+    if 1 in q8:  # int8's own bytes per step against the same measured bandwidth
+        q8_limit = bw_gb_s * 1e9 / r["engine_int8"]["weight_bytes"]
+        out["bandwidth_limit_int8_tok_s"] = q8_limit
+        out["int8_b1_fraction_of_bandwidth_limit"] = q8[1]["decode_tok_s"] / q8_limit
     out.update({f"int8_vs_fp32_decode_b{b}": q8[b]["decode_tok_s"] / eng[b]["decode_tok_s"]
                 for b in q8 if b in eng})
     out["prefix_sharing_prefill_speedup"] = (r["prefix_unshared"]["prefill_s"]

@@ -86,7 +86,7 @@ def run_peer_bench(cfg: PeerBenchConfig) -> dict[str, Any]:
     base = {"model_dir": meta.path, "dense_dir": meta.path, "gguf": meta.gguf, "threads": threads,
             "prompts": texts, "prompt_ids": ids, "batch_sizes": cfg.batch_sizes,
             "decode_tokens": cfg.decode_tokens}
-    bw = memory_read_bandwidth()
+    bw = memory_read_bandwidth(threads=threads)
     results: dict[str, Any] = {}
     bar = tqdm(cfg.systems, desc="bench engine --peer", unit="system")
     for system in bar:

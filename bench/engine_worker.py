@@ -14,6 +14,7 @@ from pice.bench.peer_worker import peak_rss_mb
 from pice.kernels.paged_attention import build_metadata
 from pice.shared.engine.generator import EngineGenerator
 from pice.shared.engine.models import CausalLM, build_model
+from pice.shared.engine.models.quantized import step_bytes
 from pice.shared.hf_backend import HFGenerator
 from pice.shared.sampling import SamplingParams
 
@@ -25,20 +26,6 @@ def distinct_prompts(gen: HFGenerator | EngineGenerator, n: int) -> list[str]:
     return [gen.render_chat([{"role": "user", "content":
                               f"Write a few facts about {TOPICS[i % len(TOPICS)]} ({i})."}])
             for i in range(n)]
-
-
-def weight_bytes(model: torch.nn.Module, tied: bool) -> int:
-    """Bytes read per decode step: every weight, except the embedding table (one row is read)
-    unless it doubles as the output layer."""
-    total = 0
-    for name, p in model.named_parameters():
-        if "embed_tokens" in name and not tied:
-            continue
-        total += p.numel() * p.element_size()
-    for name, buf in model.named_buffers():  # int8 packed weights live in buffers/params
-        if "_packed_params" in name:
-            total += buf.numel() * buf.element_size()
-    return total
 
 
 def _timed(fn: Any) -> float:
@@ -67,9 +54,9 @@ def throughput(spec: dict[str, Any]) -> dict[str, Any]:
                                                                       ignore_eos=True)))
         rows.append({"batch": b, "ttft_s": t1, "total_s": tn,
                      "decode_tok_s": b * (n - 1) / max(tn - t1, 1e-9)})
-    tied = bool(getattr(getattr(model, "config", None), "tie_word_embeddings", False)) or \
-        bool(getattr(model, "tie_word_embeddings", False))
-    return {"rows": rows, "weight_bytes": weight_bytes(model, tied),
+    # bytes one decode step reads: quantized matrices at their packed size (int8 is about 1.06
+    # bytes a weight), float ones at their dtype's; the embedding only where it is the head
+    return {"rows": rows, "weight_bytes": step_bytes(model),
             "peak_rss_mb": peak_rss_mb()}
 
 

@@ -82,7 +82,8 @@ class LlamaCpp:
 
 def _system(spec: dict[str, Any]) -> tuple[Any, Any]:
     """A callable (prompt indices, n) -> (token ids per prompt, seconds to the first token of
-    every prompt), and the pice generator (None for the others)."""
+    every prompt), and the torch model whose weights a decode step reads (None: llama.cpp,
+    whose bytes per step are counted from the GGUF by the caller)."""
     system = spec["system"]
     if system == "llama.cpp":
         most = max(spec["batch_sizes"])
@@ -103,7 +104,7 @@ def _system(spec: dict[str, Any]) -> tuple[Any, Any]:
             outs = hf.generate([spec["prompts"][i] for i in idx],
                                SamplingParams(max_tokens=n, ignore_eos=True))
             return [list(o.token_ids) for o in outs], first
-        return run_hf, None
+        return run_hf, hf.model
     from pice.shared.engine.generator import EngineGenerator
 
     quant = {"pice-gguf": "gguf", "pice-int8": "int8", "pice-fp32": "none"}[system]
@@ -121,13 +122,13 @@ def _system(spec: dict[str, Any]) -> tuple[Any, Any]:
             if first is None and all(h.seq.num_completion_tokens >= 1 for h in handles):
                 first = time.perf_counter() - t0
         return [list(h.seq.completion_ids) for h in handles], first or 0.0
-    return run, gen
+    return run, gen.engine.runner.model
 
 
 def measure(spec: dict[str, Any]) -> dict[str, Any]:
     torch.set_num_threads(spec["threads"])
     t0 = time.perf_counter()
-    run, gen = _system(spec)
+    run, model = _system(spec)
     load_s = time.perf_counter() - t0
     run([0], 4)  # warm up
     n, rows, tokens = spec["decode_tokens"], [], []
@@ -141,10 +142,10 @@ def measure(spec: dict[str, Any]) -> dict[str, Any]:
                      "decode_tok_s": b * (n - 1) / max(total - ttft, 1e-9)})
     result: dict[str, Any] = {"system": spec["system"], "load_s": load_s, "rows": rows,
                               "tokens_b1": tokens, "peak_rss_mb": peak_rss_mb()}
-    if gen is not None:
+    if model is not None:  # quantized segments counted at their packed size, fp32 at 4 bytes
         from pice.shared.engine.models.quantized import step_bytes
 
-        result["weight_bytes_per_step"] = step_bytes(gen.engine.runner.model)
+        result["weight_bytes_per_step"] = step_bytes(model)
     return result
 
 

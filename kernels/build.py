@@ -47,7 +47,14 @@ def load_extension(name: str, wait_s: float = BUILD_WAIT_S, **kwargs: Any) -> An
             if stale.exists():
                 log.warning("%s: removing a lock left by a build that died (%s)", name, stale)
                 stale.unlink(missing_ok=True)
-            return load(name=name, build_directory=str(where), **kwargs)
+            built = any(where.glob(f"{name}*.so"))
+            if not built:  # a start a user can watch: a compile is a silent minute otherwise
+                log.info("compiling C++ kernel %s (first start only; a minute or two) ...", name)
+            t0 = time.monotonic()
+            ext = load(name=name, build_directory=str(where), **kwargs)
+            if not built or time.monotonic() - t0 > 5:
+                log.info("C++ kernel %s ready in %.1f s", name, time.monotonic() - t0)
+            return ext
         finally:
             fcntl.flock(guard, fcntl.LOCK_UN)
 

@@ -1,8 +1,10 @@
-"""Fast fp32 linear layers for CPU decode: a small AVX2/FMA kernel (csrc/skinny_linear.cpp),
-compiled on first use with torch's cpp_extension and cached. MKL's GEMM reaches 9–23 GB/s of
-weight traffic on skinny decode shapes on our 2-core machines; this kernel reaches 24–52 GB/s
-(measured: 1.7–2.9× at M = 1–8). Where it cannot be built (no compiler, no AVX2/FMA, not
-x86-64) every layer keeps torch's path; the fallback is logged once, not silent."""
+"""fp32 linear layers on x86 CPUs through a small AVX2/FMA kernel (csrc/skinny_linear.cpp),
+compiled on first use with torch's cpp_extension and cached. Its point is not speed (at batch 1
+it is within 10% of torch's GEMM on our 2-core machines, bench/results/) but that every row
+count takes the same path with the same summation order per output element, so a request's
+result does not depend on the other rows in its batch (torch's BLAS picks its blocking by the
+number of rows). Where it cannot be built (no compiler, no AVX2/FMA, not x86-64) every layer
+keeps torch's path, which is not batch-invariant; the fallback is logged once, not silent."""
 
 from __future__ import annotations
 
@@ -18,7 +20,6 @@ from torch import nn
 
 log = logging.getLogger(__name__)
 
-MAX_ROWS = 16  # above this, MKL's blocked GEMM is the better kernel (prefill)
 _SOURCE = Path(__file__).with_name("csrc") / "skinny_linear.cpp"
 
 
@@ -51,16 +52,18 @@ def load_kernel() -> Any | None:
 
 
 class SkinnyLinear(nn.Linear):
-    """nn.Linear whose few-row fp32 CPU calls go to the kernel (same parameters, same math up
-    to summation order)."""
+    """nn.Linear whose fp32 CPU calls go to the kernel (same parameters, same math up to
+    summation order)."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         kernel = load_kernel()
-        if (kernel is None or x.dim() != 2 or x.shape[0] > MAX_ROWS or x.device.type != "cpu"
-                or x.dtype != torch.float32):
+        if kernel is None or x.device.type != "cpu" or x.dtype != torch.float32:
             return F.linear(x, self.weight, self.bias)
-        y = kernel.skinny_linear(x.contiguous(), self.weight)  # y: [rows, out_features]
-        return y + self.bias if self.bias is not None else y
+        flat = x.reshape(-1, self.in_features).contiguous()  # [rows, in_features]
+        y = kernel.skinny_linear(flat, self.weight)  # [rows, out_features]
+        if self.bias is not None:
+            y = y + self.bias
+        return y.reshape(*x.shape[:-1], self.out_features)
 
 
 def use_cpu_kernels(model: nn.Module) -> int:

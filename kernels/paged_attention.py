@@ -1,8 +1,11 @@
-"""Attention over a paged KV cache: the pure-torch reference (CPU, tests, and the GPU fallback).
+"""Attention over a paged KV cache.
 
 The cache of one layer is two tensors [num_blocks, block_size, kv_heads, head_dim]; a sequence
 owns a list of blocks (its block table). Each step writes the new tokens' K/V into their slots,
-then every query attends over its sequence's context gathered through the block table."""
+then every query attends over its sequence's context gathered through the block table. On the
+CPU in float32 the row-independent kernel (csrc/rowwise.cpp) computes every query alone over
+its own keys, so a request's numbers do not depend on its batch; elsewhere (GPU, half
+precision, no compiler) torch's SDPA runs per sequence (prefill) or padded (decode)."""
 
 from __future__ import annotations
 
@@ -10,6 +13,8 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+
+from pice.kernels.rowwise import rowwise_kernel
 
 
 @dataclass
@@ -21,12 +26,13 @@ class AttentionMetadata:
     context_lens: list[int]  # [B] tokens each sequence attends over (cached + new)
     context_slots: list[torch.Tensor]  # B × [context_len] int64 flat slots of the context
     positions: torch.Tensor  # [num_tokens] int64 absolute position of each query token
-    decode_slots: torch.Tensor | None = None  # [B, max_ctx] int64 (all-decode steps only)
+    decode_slots: torch.Tensor | None = None  # [B, max_ctx] int64 context slots, padded with 0
     decode_valid: torch.Tensor | None = None  # [B, max_ctx] bool, False on padding
+    seq_index: torch.Tensor | None = None  # [num_tokens] int64: the sequence of each query
 
     @property
     def is_decode(self) -> bool:
-        return self.decode_slots is not None
+        return all(q == 1 for q in self.query_lens)
 
 
 def build_metadata(block_tables: list[list[int]], context_lens: list[int], query_lens: list[int],
@@ -43,14 +49,15 @@ def build_metadata(block_tables: list[list[int]], context_lens: list[int], query
         positions.append(pos[ctx - q:])
     meta = AttentionMetadata(torch.cat(slots).to(device), list(query_lens), list(context_lens),
                              ctx_slots, torch.cat(positions).to(device))
-    if all(q == 1 for q in query_lens):
-        width = max(context_lens)
-        dec = torch.zeros(len(context_lens), width, dtype=torch.long, device=device)
-        valid = torch.zeros(len(context_lens), width, dtype=torch.bool, device=device)
-        for b, s in enumerate(ctx_slots):
-            dec[b, : s.numel()] = s
-            valid[b, : s.numel()] = True
-        meta.decode_slots, meta.decode_valid = dec, valid
+    meta.seq_index = torch.repeat_interleave(torch.arange(len(query_lens)),
+                                             torch.tensor(query_lens, dtype=torch.long)).to(device)
+    width = max(context_lens)
+    dec = torch.zeros(len(context_lens), width, dtype=torch.long, device=device)
+    valid = torch.zeros(len(context_lens), width, dtype=torch.bool, device=device)
+    for b, s in enumerate(ctx_slots):
+        dec[b, : s.numel()] = s
+        valid[b, : s.numel()] = True
+    meta.decode_slots, meta.decode_valid = dec, valid
     return meta
 
 
@@ -70,6 +77,15 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: 
     write_kv(k, v, k_cache, v_cache, meta.slot_mapping)
     k_flat = k_cache.view(-1, *k_cache.shape[2:])  # [slots, kv_heads, head_dim]
     v_flat = v_cache.view(-1, *v_cache.shape[2:])
+    kernel = rowwise_kernel()
+    if (kernel is not None and q.device.type == "cpu" and q.dtype == torch.float32
+            and meta.decode_slots is not None and meta.seq_index is not None):
+        # every sequence's context [B, max_ctx, kv_heads, hd]; each query reads only its own
+        kb = k_flat[meta.decode_slots].float()
+        vb = v_flat[meta.decode_slots].float()
+        out: torch.Tensor = kernel.attention(q, kb, vb, meta.seq_index, meta.positions, scale,
+                                             sliding_window or 0)
+        return out
     if meta.is_decode:
         return _decode(q, k_flat, v_flat, meta, scale, sliding_window)
     out = torch.empty_like(q)

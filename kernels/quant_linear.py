@@ -19,7 +19,6 @@ from pice.kernels.quant import Fmt, dequantize, row_bytes
 
 log = logging.getLogger(__name__)
 
-SKINNY_MAX = 32  # rows up to this use the int8 GEMV kernels; above, dequantised tiles + GEMM
 _CSRC = Path(__file__).with_name("csrc")
 _SOURCES = [_CSRC / "quant_linear.cpp", *(_CSRC / "quant" / f"{n}.cpp"
                                           for n in ("portable", "avx2", "neon"))]
@@ -89,8 +88,9 @@ class QuantLinear(nn.Module):
             w = torch.cat([s.dequantize() for s in self.segments])  # [N, K]
             y = flat @ w.T
         else:
+            # one path for every row count: a row's result does not depend on the batch
             y = kernel.qlinear(flat, [s.data for s in self.segments],
-                               [int(s.fmt) for s in self.segments], SKINNY_MAX)
+                               [int(s.fmt) for s in self.segments])
         if self.bias is not None:
             y = y + self.bias
         return y.reshape(*lead, self.out_features).to(x.dtype)

@@ -1,7 +1,8 @@
 // Quantized linear layers for CPU inference on GGUF-format weights kept as they are in memory
-// (uint8 rows of ggml blocks). Decode / skinny GEMM: activations quantized to int8 once per
-// call, weights unpacked in registers by the best backend this CPU has (chosen at run time);
-// prefill (many rows): weight tiles dequantised to fp32 and multiplied by torch's GEMM.
+// (uint8 rows of ggml blocks). Activations are quantized to int8 per row (one scale per block of
+// one row), weights unpacked in registers by the best backend this CPU has (chosen at run time).
+// Every row count takes the same path and each output row is computed by one thread in a fixed
+// order, so a row's result never depends on the other rows of the batch.
 #include <torch/extension.h>
 #include <algorithm>
 #include <cmath>
@@ -87,8 +88,7 @@ torch::Tensor embedding(torch::Tensor w, int64_t fmt, int64_t K, torch::Tensor i
 
 // y = x @ concat(W_s)^T for weight segments W_s [N_s, K] (each in its own format).
 // x: [M, K] fp32; ws[s]: uint8 [N_s, row_bytes]; returns [M, sum N_s] fp32.
-torch::Tensor qlinear(torch::Tensor x, std::vector<torch::Tensor> ws, std::vector<int64_t> fmts,
-                      int64_t skinny_max) {
+torch::Tensor qlinear(torch::Tensor x, std::vector<torch::Tensor> ws, std::vector<int64_t> fmts) {
   TORCH_CHECK(x.dtype() == torch::kFloat32 && x.dim() == 2, "x: float32 [M, K]");
   TORCH_CHECK(ws.size() == fmts.size() && !ws.empty(), "one format per weight segment");
   x = x.contiguous();
@@ -105,17 +105,6 @@ torch::Tensor qlinear(torch::Tensor x, std::vector<torch::Tensor> ws, std::vecto
   }
   auto y = torch::empty({M, total}, torch::kFloat32);
   if (M == 0) return y;
-  if (M > skinny_max) {  // prefill: dequantised tiles of about 4 MB into torch's GEMM
-    for (size_t s = 0; s < ws.size(); s++) {
-      const int64_t N = ws[s].size(0), tile = std::max<int64_t>(16, (1 << 20) / K);
-      for (int64_t n0 = 0; n0 < N; n0 += tile) {
-        const int64_t t = std::min(tile, N - n0);
-        auto wt = dequantize(ws[s].narrow(0, n0, t), fmts[s], K);  // [t, K]
-        y.narrow(1, offs[s] + n0, t).copy_(torch::mm(x, wt.t()));
-      }
-    }
-    return y;
-  }
   QX q; q.xf = x.data_ptr<float>(); q.M = M; q.K = K;
   torch::Tensor q32, d32, qk, dk, bs;
   if (g_backend != PORTABLE && need32) {
@@ -133,19 +122,32 @@ torch::Tensor qlinear(torch::Tensor x, std::vector<torch::Tensor> ws, std::vecto
     q.qk = qk.data_ptr<int8_t>(); q.dk = dk.data_ptr<float>(); q.bsum = bs.data_ptr<int16_t>();
   }
   float* yp = y.data_ptr<float>();
-  // one parallel loop over every segment's rows, in chunks of 8 weight rows
+  // chunks of 8 weight rows, split across threads; rows of x in tiles of about 128 KB of int8
+  // activations, which stay in L2 while every weight row streams past them once per tile
   std::vector<std::pair<int64_t, int64_t>> chunks;  // (segment, first row)
   for (size_t s = 0; s < ws.size(); s++)
     for (int64_t n = 0; n < ws[s].size(0); n += 8) chunks.emplace_back((int64_t)s, n);
+  const int64_t tile = std::max<int64_t>(4, (1 << 17) / K / 4 * 4);
   bool ok = true;
-  at::parallel_for(0, (int64_t)chunks.size(), 1, [&](int64_t lo, int64_t hi) {
-    for (int64_t c = lo; c < hi; c++) {
-      const auto [s, n0] = chunks[c];
-      const int64_t n1 = std::min(n0 + 8, ws[s].size(0));
-      if (!gemm((int)fmts[s], ws[s].data_ptr<uint8_t>(), rbs[s], n0, n1, q, yp + offs[s], total))
-        ok = false;
+  for (int64_t m0 = 0; m0 < M; m0 += tile) {
+    QX t = q;  // rows [m0, m0 + t.M) of x
+    t.M = std::min(tile, M - m0);
+    t.xf = q.xf + m0 * K;
+    if (q.q32 != nullptr) { t.q32 = q.q32 + m0 * K; t.d32 = q.d32 + m0 * (K / 32); }
+    if (q.qk != nullptr) {
+      t.qk = q.qk + m0 * K; t.dk = q.dk + m0 * (K / 256); t.bsum = q.bsum + m0 * (K / 16);
     }
-  });
+    float* yt = yp + m0 * total;
+    at::parallel_for(0, (int64_t)chunks.size(), 1, [&](int64_t lo, int64_t hi) {
+      for (int64_t c = lo; c < hi; c++) {
+        const auto [s, n0] = chunks[c];
+        const int64_t n1 = std::min(n0 + 8, ws[s].size(0));
+        if (!gemm((int)fmts[s], ws[s].data_ptr<uint8_t>(), rbs[s], n0, n1, t, yt + offs[s],
+                  total))
+          ok = false;
+      }
+    });
+  }
   TORCH_CHECK(ok, "no kernel for a weight format");
   return y;
 }

@@ -1,7 +1,8 @@
-// Skinny fp32 linear for decode on x86 CPUs (AVX2 + FMA): y[M, N] = x[M, K] @ w[N, K]^T for
-// small M. Each thread streams its share of weight rows once and applies every row of x to them
-// (x stays in L1/L2), which is what a decode step needs: the weights are read once per step.
-// Rows of x go in blocks of up to 6 (templated so the 2 x MR accumulators stay in registers).
+// fp32 linear on x86 CPUs (AVX2 + FMA): y[M, N] = x[M, K] @ w[N, K]^T for any M. Each thread
+// streams its share of weight rows and applies every row of a tile of x to them (the tile stays
+// in L2), so a decode step reads the weights once. Rows of x go in blocks of up to 6 (templated
+// so the 2 x MR accumulators stay in registers). Every output element is one thread's sum over
+// k in the same order whatever M is: a row's result does not depend on the rest of the batch.
 #include <torch/extension.h>
 #include <immintrin.h>
 #include <algorithm>
@@ -39,23 +40,30 @@ torch::Tensor skinny_linear(torch::Tensor x, torch::Tensor w) {
   auto y = torch::empty({M, N}, x.options());
   const float* xp = x.data_ptr<float>(); const float* wp = w.data_ptr<float>(); float* yp = y.data_ptr<float>();
   const int64_t K8 = K - K % 8;
-  #pragma omp parallel for schedule(static)
-  for (int64_t n = 0; n < N; n += 2) {  // two weight rows per iteration share each x load
-    const bool two = n + 1 < N;
-    const float* w0 = wp + n * K; const float* w1 = two ? w0 + K : w0;
-    int64_t m0 = 0;
-    for (; m0 + 6 <= M; m0 += 6) rows_block<6>(xp + m0 * K, w0, w1, two, K, K8, yp + m0 * N, N, n);
-    switch (M - m0) {
-      case 5: rows_block<5>(xp + m0 * K, w0, w1, two, K, K8, yp + m0 * N, N, n); break;
-      case 4: rows_block<4>(xp + m0 * K, w0, w1, two, K, K8, yp + m0 * N, N, n); break;
-      case 3: rows_block<3>(xp + m0 * K, w0, w1, two, K, K8, yp + m0 * N, N, n); break;
-      case 2: rows_block<2>(xp + m0 * K, w0, w1, two, K, K8, yp + m0 * N, N, n); break;
-      case 1: rows_block<1>(xp + m0 * K, w0, w1, two, K, K8, yp + m0 * N, N, n); break;
-      default: break;
-    }
+  const int64_t tile = std::max<int64_t>(6, (1 << 16) / K / 6 * 6);  // about 256 KB of x
+  for (int64_t t0 = 0; t0 < M; t0 += tile) {
+    const int64_t tm = std::min(tile, M - t0);
+    const float* xt = xp + t0 * K; float* yt = yp + t0 * N;
+    at::parallel_for(0, (N + 1) / 2, 1, [&](int64_t lo, int64_t hi) {
+      for (int64_t n = 2 * lo; n < std::min(N, 2 * hi); n += 2) {  // 2 weight rows share x loads
+        const bool two = n + 1 < N;
+        const float* w0 = wp + n * K; const float* w1 = two ? w0 + K : w0;
+        int64_t m0 = 0;
+        for (; m0 + 6 <= tm; m0 += 6)
+          rows_block<6>(xt + m0 * K, w0, w1, two, K, K8, yt + m0 * N, N, n);
+        switch (tm - m0) {
+          case 5: rows_block<5>(xt + m0 * K, w0, w1, two, K, K8, yt + m0 * N, N, n); break;
+          case 4: rows_block<4>(xt + m0 * K, w0, w1, two, K, K8, yt + m0 * N, N, n); break;
+          case 3: rows_block<3>(xt + m0 * K, w0, w1, two, K, K8, yt + m0 * N, N, n); break;
+          case 2: rows_block<2>(xt + m0 * K, w0, w1, two, K, K8, yt + m0 * N, N, n); break;
+          case 1: rows_block<1>(xt + m0 * K, w0, w1, two, K, K8, yt + m0 * N, N, n); break;
+          default: break;
+        }
+      }
+    });
   }
   return y;
 }
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("skinny_linear", &skinny_linear, "y = x @ w.T for few-row fp32 x (AVX2/FMA)");
+  m.def("skinny_linear", &skinny_linear, "y = x @ w.T for fp32 x (AVX2/FMA), any number of rows");
 }

@@ -3,6 +3,10 @@ KV cache, samples. Never decides anything."""
 
 from __future__ import annotations
 
+import logging
+import resource
+import time
+
 import torch
 
 from pice.kernels.cpu_linear import use_cpu_kernels
@@ -11,13 +15,13 @@ from pice.kernels.quant_memory import zeros_lazy
 from pice.shared.engine.config import EngineConfig
 from pice.shared.engine.lora import attach_lora
 from pice.shared.engine.models import build_model
+from pice.shared.engine.models.quantized import step_bytes
 from pice.shared.engine.sampler import sample
 from pice.shared.engine.scheduler import SchedulerOutput
 from pice.shared.engine.sequence import Sequence
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
+log = logging.getLogger("pice.startup")
 
 
 class ModelRunner:
@@ -25,6 +29,9 @@ class ModelRunner:
         self.cfg = cfg
         self.device = torch.device(cfg.device)
         self.dtype = _DTYPES[cfg.dtype]
+        source = cfg.gguf or cfg.model
+        log.info("load %s (%s weights) ...", source, cfg.weight_format)
+        t0 = time.perf_counter()
         self.model = build_model(cfg.model, dtype=self.dtype, device=self.device, gguf=cfg.gguf,
                                  quantization=cfg.weight_format)
         if cfg.weight_format != "none":
@@ -45,6 +52,9 @@ class ModelRunner:
         # kv_caches[layer] = (k, v), each [num_blocks, block_size, kv_heads, head_dim]
         self.kv_caches = [(self._zeros(shape, kv_dtype), self._zeros(shape, kv_dtype))
                           for _ in range(m.num_layers)]
+        log.info("load %s: %.2f GB of weights read per token, done in %.1f s (peak RSS %.2f GB)",
+                 source, step_bytes(self.model) / 1e9, time.perf_counter() - t0,
+                 resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20)
 
     def _zeros(self, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
         return zeros_lazy(shape, dtype, self.device)  # CPU: pages mapped as blocks fill

