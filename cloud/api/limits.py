@@ -27,6 +27,7 @@ STREAM_PATHS = frozenset({"/v1/chat/completions", "/v1/progressive"})  # generat
 ENDPOINTS = ("/v1/chat/completions", "/v1/progressive", "/v1/adapters", "/v1/models",
              "/v1/edges", "/health", "/ready", "/metrics")
 _MAX_KEYS = 100_000  # buckets kept (least recently used dropped first)
+PROBES = frozenset({"/health", "/ready", "/metrics"})  # polled: their access lines at DEBUG
 
 
 def endpoint_of(path: str) -> str:
@@ -114,7 +115,8 @@ class RequestLimits:
             line = {"method": method, "path": path, "status": seen["status"], "client": client,
                     "duration_s": round(time.perf_counter() - start, 6),
                     "ttfb_s": seen["ttfb_s"], **note}
-            access_log.info(json.dumps(line, default=str), extra={"pice_access": True})
+            level = logging.DEBUG if path in PROBES and method == "GET" else logging.INFO
+            access_log.log(level, json.dumps(line, default=str), extra={"pice_access": True})
 
     def _caller(self, scope: Scope) -> tuple[str | None, str | None]:
         """(an id of the presented API key, its tenant); Nones when absent or invalid (so

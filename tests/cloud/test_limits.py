@@ -169,3 +169,18 @@ def test_open_server_limits_per_client_address_only_when_asked(limit_open: bool)
     finally:
         srv.should_exit = True
         thread.join(30)
+
+
+def test_probes_leave_no_access_line(server: LiveServer,
+                                     caplog: pytest.LogCaptureFixture) -> None:
+    """A load balancer or `pice ask` polling /ready does not fill the log (lines at DEBUG)."""
+    caplog.set_level(logging.INFO, logger="pice.access")
+    for path in ("/ready", "/health", "/metrics", "/ready"):
+        assert httpx.get(f"{server.url}{path}", timeout=30).status_code == 200
+    assert httpx.get(f"{server.url}/v1/models", headers=auth("g-log"),
+                     timeout=30).status_code == 200
+    wait_for("the /v1/models access line", lambda: any(
+        '"/v1/models"' in r.getMessage() for r in caplog.records if r.name == "pice.access"))
+    paths = [json.loads(r.getMessage())["path"] for r in caplog.records
+             if r.name == "pice.access"]
+    assert not {"/ready", "/health", "/metrics"} & set(paths), paths
