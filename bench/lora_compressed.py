@@ -225,12 +225,14 @@ def _plot(r: dict[str, Any], path: Path) -> None:
 def cmd(args: Any) -> int:
     """`pice bench lora --compressed` (flags parsed by pice.bench.lora)."""
     if args.quality:
-        from pice.bench.lora_compressed_quality import quality_table, run_quality
+        from pice.bench.lora_compressed_quality import QualityConfig, run_quality
+        from pice.bench.lora_quality_report import quality_table, stores_table
 
         n, steps = (int(x) for x in args.quality.split(":"))
         real = Path(resolve_model(args.model, args.cache_dir).path)
-        args.out.mkdir(parents=True, exist_ok=True)
-        print(quality_table(run_quality(real, args.out, n=n, steps=steps)))
+        res = run_quality(QualityConfig(real, args.out, n=n, steps=steps,
+                                        cache_dir=args.cache_dir))
+        print(quality_table(res) + "\n\n" + stores_table(res))
         return 0
     # the serving bench defaults to the small random model (the packaged one is too slow on
     # two shared cores for thousands of adapters); name another model to run it instead

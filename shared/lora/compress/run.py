@@ -64,6 +64,7 @@ class CompressConfig:
     share_tenants: list[str] = field(default_factory=list)  # opted in to shared bases
     max_rank: int = 64  # the engine's slot rank: no basis is larger
     threads: int = 1  # torch threads while fitting
+    force: bool = False  # compress even where it saves no memory (quality studies)
 
     def __post_init__(self) -> None:
         if self.method not in ("full", "diag"):
@@ -133,7 +134,8 @@ def _trials(stack: Stack, cfg: CompressConfig, work: Path, fp: str,
             bar.update(1)
     best = min(trials.values(), key=lambda t: (t["params_after"], t["rank"], t["clusters"]),
                default=None)
-    return best if best is not None and best["params_after"] < best["params_before"] else {}
+    saves = best is not None and best["params_after"] < best["params_before"]
+    return best if best is not None and (saves or cfg.force) else {}
 
 
 def _group(names: list[str], specs: dict[str, AdapterSpec], shape: ModelShape,
