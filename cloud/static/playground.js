@@ -426,7 +426,7 @@ function edgeItem(e) {
       el("span", {}, `${e.inflight}/${e.slots} busy`),
       el("span", { class: "meter" }, el("i", { style: `width:${load}%` }))),
     el("div", { class: "stats" },
-      `${e.tokens_per_s.toFixed(1)} tok/s · rtt ${(e.rtt_s * 1000).toFixed(0)} ms · fail ${(100 * e.failure_rate).toFixed(0)}%`
+      `${e.tokens_per_s > 0 ? e.tokens_per_s.toFixed(1) : "–"} tok/s · rtt ${(e.rtt_s * 1000).toFixed(0)} ms · fail ${(100 * e.failure_rate).toFixed(0)}%`
       + (e.deadlines_missed ? ` · ${e.deadlines_missed} late` : "")));
 }
 
