@@ -110,6 +110,7 @@ class RemoteOptions:
     url: str
     api_key: str | None = None
     wait_s: float = 600.0  # how long to wait for a server that is still loading its models
+    timeout_s: float = 900.0  # the whole answer (the server's pings keep a slow one alive)
 
 
 def _fail(message: str) -> int:
@@ -153,7 +154,11 @@ def ask_remote(opts: RemoteOptions, body: dict[str, Any]) -> int:
         problem = _wait_ready(probe, opts)
     if problem is not None:
         return _fail(problem)
-    return asyncio.run(_stream(opts, headers, body))
+    try:
+        return asyncio.run(asyncio.wait_for(_stream(opts, headers, body), opts.timeout_s))
+    except asyncio.TimeoutError:
+        return _fail(f"no complete answer from {opts.url} within {opts.timeout_s:g}s "
+                     "(--timeout)")
 
 
 async def _stream(opts: RemoteOptions, headers: dict[str, str], body: dict[str, Any]) -> int:
@@ -169,6 +174,8 @@ async def _stream(opts: RemoteOptions, headers: dict[str, str], body: dict[str, 
                     message = source.response.json()["error"]["message"]
                 except (ValueError, KeyError, TypeError):
                     message = source.response.text
+                if source.response.status_code == 401:
+                    message += " (pass --api-key or set PICE_API_KEY)"
                 return _fail(f"{source.response.status_code} from {opts.url}: {message}")
             _print = _Printer()
             async for sse in source.aiter_sse():

@@ -71,7 +71,7 @@ def cmd_ask(args: argparse.Namespace) -> int:
               "answers with its own models)", file=sys.stderr)
         return 2
     url = (args.url or default_url(ServeSettings())).rstrip("/")
-    return ask_remote(RemoteOptions(url, args.api_key, args.wait), body)
+    return ask_remote(RemoteOptions(url, args.api_key, args.wait, args.timeout), body)
 
 
 def cmd_models(args: argparse.Namespace) -> int:
@@ -154,20 +154,20 @@ def cmd_bench_quality(args: argparse.Namespace) -> int:
               "limit": args.limit, "categories": args.category, "max_tokens": args.max_tokens,
               "out_dir": args.out, "cache_dir": args.cache_dir, "threads": args.threads,
               "backend": args.backend, "adapter": args.adapter,
-              "judge_items": args.judge_items, "validate_limit": args.validate_limit}
+              "validate_limit": args.validate_limit, "concurrency": args.concurrency,
+              "pairwise_pairs": args.pairwise_pairs}
     cfg = QualityConfig(**{k: v for k, v in fields.items() if v is not None})
     cfg.suitable_only = not args.all_questions
     cfg.judge = not args.no_judge
     cfg.validate_only = args.validate_only
-    cfg.eager = not args.no_eager
+    cfg.eager_compare = not args.no_eager_compare
     result = run_quality(cfg)
-    if cfg.validate_only:
-        print(json.dumps({k: v for k, v in result["judge_validation"].items() if k != "rows"},
-                         indent=2))
+    if cfg.validate_only or not cfg.judge:
+        print(json.dumps(result.get("judge_validation", {}), indent=2))
         return 0
-    print(json.dumps({"judge_validation": result["judge_validation"],
-                      "target": result["target"], "overall": result["summary"]["overall"]},
-                     indent=2))
+    print(json.dumps({"judge_validation": result["judge_validation"]["judge"],
+                      "target": result["target"], "overall": result["summary"]["overall"],
+                      "eager_vs_not": result["summary"].get("eager_vs_not")}, indent=2))
     return 0
 
 
@@ -306,6 +306,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the server's API key, if it has keys (default $PICE_API_KEY)")
     p.add_argument("--wait", type=float, default=600.0,
                    help="seconds to wait for a server still loading its models (default 600)")
+    p.add_argument("--timeout", type=float, default=900.0,
+                   help="seconds for the whole answer once asked (default 900)")
     p.add_argument("--local", action="store_true",
                    help="no server: load every model in this process (the model flags apply)")
     p.set_defaults(fn=cmd_ask)
@@ -367,26 +369,26 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--max-tokens", type=int, default=256)
     b.add_argument("--out", type=Path, default=Path("bench-results"))
     b.set_defaults(fn=cmd_bench)
-    q = bsub.add_parser("quality", help="progressive variants (plain, ensemble, ensemble + "
-                        "distilled adapter) judged against the full-cloud answer")
+    q = bsub.add_parser("quality", help="progressive answers (ensemble + distilled adapter, "
+                        "eager and not) judged against full-cloud answers by a validated judge")
     _model_args(q)
     q.add_argument("--limit", type=int, help="questions, round-robin over categories "
-                   "(default 7; 0 → all)")
+                   "(default 40; 0 → all)")
     q.add_argument("--category", action="append", help="only these categories (repeatable)")
     q.add_argument("--all-questions", action="store_true",
                    help="include questions labeled as not suiting a sketch")
-    q.add_argument("--max-tokens", type=int)
+    q.add_argument("--max-tokens", type=int, help="per answer (default 320)")
     q.add_argument("--adapter", type=Path, help="distilled adapter for the first edge model "
                    "(default: the shipped one)")
-    q.add_argument("--no-judge", action="store_true", help="skip the judges (and their "
-                   "validation)")
-    q.add_argument("--validate-only", action="store_true", help="validate the judges on "
+    q.add_argument("--concurrency", type=int, help="requests in flight (default 4)")
+    q.add_argument("--no-judge", action="store_true", help="answers only (cached)")
+    q.add_argument("--validate-only", action="store_true", help="validate the judge on "
                    "corrupted full answers, write quality_judge.json, stop")
-    q.add_argument("--judge-items", type=Path, help="validate on the full-cloud answers of an "
-                   "earlier quality.json (default: this run's first --validate-limit)")
-    q.add_argument("--validate-limit", type=int, help="full answers to validate on (default 6)")
-    q.add_argument("--no-eager", action="store_true", help="dispatch a sketch's points only "
-                   "once it is complete")
+    q.add_argument("--validate-limit", type=int, help="full answers to validate on, 5 "
+                   "corruptions each (default 8)")
+    q.add_argument("--pairwise-pairs", type=int, help="validation pairs also judged by the "
+                   "A/B prompt, for its position bias (default 0)")
+    q.add_argument("--no-eager-compare", action="store_true", help="skip the non-eager phase")
     q.add_argument("--out", type=Path, default=Path("bench-results"))
     q.set_defaults(fn=cmd_bench_quality)
 
