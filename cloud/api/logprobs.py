@@ -42,7 +42,8 @@ def token_entries(gen: TextGenerator, out: Completion) -> list[dict[str, Any]]:
     The end-of-sequence token and anything past a stop string are left out, so the tokens'
     texts join to the answer."""
     chat: Any = getattr(gen, "chat", None)
-    if chat is None or len(out.logprobs) != len(out.token_ids):
+    if chat is None or len(out.logprobs) != len(out.token_ids) or not (
+            out.token_ids or not out.text):  # remote backends (openai, vLLM) report none
         raise BadRequestError(f"model {gen.name} does not report per-token log-probabilities",
                               field="logprobs")
     ids = list(out.token_ids)
