@@ -1,41 +1,61 @@
-"""The quality bench's judges, and their validation on pairs whose better answer is known.
+"""The quality bench's judge, and its validation on pairs whose better answer is known.
 
-Two judges read the cloud model's logits (no free text):
-- `pairwise`: both answers in one prompt, P("A") vs P("B"); asked in both orders;
-- `rubric`: one answer alone, scored 1-9 on a rubric (covers the question, every point explained,
-  in order, no repetition or echoed list, not cut off); the score is the expected value over the
-  digit tokens. It sees one answer at a time, so it has no position to be biased by.
+Small models asked to write "A" or "B" prefer whatever they see first (the 1.5B cloud model picked
+the first-shown answer in 100% of pairs, bench/results/quality_judge.json of the last run). This
+judge never shows two answers in one prompt and never samples a token. It profiles each answer
+alone, then compares two profiles with a rule that is antisymmetric by construction
+(compare(a, b) == -compare(b, a)), so neither answer has a position:
 
-`validate` builds, from full answers, four corruptions each (truncated, sentences shuffled, a
-point removed, a point's text replaced by an echo of the list) and counts how often each judge
-prefers the full answer: the pairwise judge must do so in both orders; its position bias (how
-often the answer shown first wins, whatever it is) is reported beside it."""
+- structure (deterministic, plain text): cut off mid-sentence, repeated sentences, a numbered
+  point that echoes or lists the other points (cloud/garbage.py's detectors);
+- completeness: how much of the other answer's content this one covers (MiniLM: mean over the
+  other answer's sentences of the best cosine with one of this answer's), minus the reverse;
+- fluency: mean log-probability of the answer's tokens under the judge model, given the question
+  (shuffled, disordered text reads worse);
+- rubric: the judge model's expected 1-9 score (probability-weighted over the digit tokens) on
+  four criteria (completeness, coherence, non-repetition, relevance), averaged.
+
+Each signal becomes a preference in [-1, 1] (tanh of the difference over its scale); the verdict
+is their weighted mean, a tie within TIE. `validate` checks the judge on full answers against
+the same answer truncated, shuffled, with a point removed, a point echoing the list, or a point
+duplicated, in both orders, and reports each signal alone beside the combination; the classic
+pairwise A/B prompt is measured beside it (position bias, and its average over both orders)."""
 
 from __future__ import annotations
 
+import hashlib
 import math
 import random
 import re
 import statistics
-from typing import Any, cast
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from typing import Any
 
-import torch
-
+from pice.bench.judge_lm import LMScore, pair_logits, score_answer
+from pice.cloud.garbage import _mentions, _repeats, words
 from pice.shared.backend import TextGenerator
+from pice.shared.embeddings import get_embedder
 
-CORRUPTIONS = ("truncated", "shuffled", "point removed", "echoed")
-PASS = 0.9  # a judge is trusted at or above this share of correct verdicts
-RUBRIC = ("You grade answers. Score the answer from 1 (useless) to 9 (excellent). A 9 answers "
-          "the whole question; explains every point it makes with a reason or an example; is "
-          "complete, not cut off mid-sentence; has its parts in a sensible order; never repeats "
-          "itself or lists other points inside a point. Reply with one digit.")
-PAIRWISE = ("You are a strict, fair judge of answers. Compare two answers to the same question "
-            "for correctness, helpfulness, completeness and clarity. Ignore length unless it "
-            "hurts the answer. Reply with a single letter: A or B.")
+CORRUPTIONS = ("truncated", "shuffled", "point removed", "echoed", "duplicated")
+PASS = 0.9  # a judge is trusted at or above this share of correct verdicts, in both orders
+TIE = 0.05  # |preference| below this is a tie
+# signal → (weight, scale of a clear difference)
+SIGNALS: dict[str, tuple[float, float]] = {
+    "structure": (2.0, 1.0),  # defects (count)
+    "completeness": (1.0, 0.05),  # coverage difference
+    "fluency": (1.0, 0.05),  # nats per token
+    "rubric": (1.0, 0.5),  # points on the 1-9 scale
+}
 _ITEM = re.compile(r"^\s*(\d{1,2})[.)]\s+", re.M)
+_SENTENCE = re.compile(r"(?<=[.!?])\s+|\n+")
+_INLINE = re.compile(r"\s\d{1,2}[.)]\s+[A-Z]")  # "… tasks 2. Use …": a list inside a point
+_END = re.compile(r"""[.!?…)\]"'`*]\s*$""")
+_DANGLING = frozenset({"and", "or", "but", "the", "a", "an", "of", "to", "with", "for", "in", "on",
+                       "that", "which", "because"})
 
 
-def _items(answer: str) -> tuple[str, list[str]]:
+def items(answer: str) -> tuple[str, list[str]]:
     """(text before the first numbered item, the items)."""
     parts = _ITEM.split(answer)
     if len(parts) < 5:  # fewer than two items
@@ -44,120 +64,206 @@ def _items(answer: str) -> tuple[str, list[str]]:
     return head, [rest[i + 1].strip() for i in range(0, len(rest), 2)]
 
 
-def _join(head: str, items: list[str]) -> str:
+def _join(head: str, its: list[str]) -> str:
     return (head.rstrip() + "\n\n" if head.strip() else "") + "\n".join(
-        f"{i + 1}. {t}" for i, t in enumerate(items))
+        f"{i + 1}. {t}" for i, t in enumerate(its))
+
+
+def sentences(text: str) -> list[str]:
+    parts = _SENTENCE.split(text)
+    return [re.sub(r"^\s*(?:\d{1,2}[.)]|[-*•])\s*", "", p).strip() for p in parts
+            if len(words(p)) >= 2]
 
 
 def corrupt(answer: str, seed: int = 0) -> dict[str, str]:
-    """The four corruptions of `answer` (those that apply: a list needs two items or more)."""
+    """The corruptions of `answer` that apply (the list ones need three numbered items)."""
     rng = random.Random(seed)
-    sentences = [s for s in re.split(r"(?<=[.!?])\s+", answer.strip()) if s]
-    out = {"truncated": " ".join(sentences[:max(1, len(sentences) * 2 // 5)]).rstrip(".!?")
-           + " and"}
-    shuffled = list(sentences)
-    while len(shuffled) > 2 and shuffled == sentences:
+    sents = [s for s in re.split(r"(?<=[.!?])\s+", answer.strip()) if s]
+    out = {"truncated": " ".join(sents[:max(1, len(sents) * 2 // 5)]).rstrip(".!?") + " and"}
+    shuffled = list(sents)
+    while len(shuffled) > 2 and shuffled == sents:
         rng.shuffle(shuffled)
     out["shuffled"] = " ".join(shuffled)
-    head, items = _items(answer)
-    if len(items) >= 3:
-        out["point removed"] = _join(head, items[:len(items) // 2] + items[len(items) // 2 + 1:])
-        titles = [t.split(":")[0].strip() for t in items]
-        k = len(items) - 1
+    head, its = items(answer)
+    if len(its) >= 3:
+        mid = len(its) // 2
+        out["point removed"] = _join(head, its[:mid] + its[mid + 1:])
+        titles = [t.split(":")[0].strip() for t in its]
+        k = len(its) - 1
         echo = " ".join(f"{i + 1}. {t}" if i else t for i, t in enumerate(titles[:k]))
-        out["echoed"] = _join(head, [*items[:k], f"{titles[k]}: {echo}"])
+        out["echoed"] = _join(head, [*its[:k], f"{titles[k]}: {echo}"])
+        j = rng.randrange(len(its) - 1)
+        out["duplicated"] = _join(head, [*its[:j + 1], its[j], *its[j + 1:]])
     return out
 
 
-@torch.inference_mode()
-def next_token_logits(gen: TextGenerator, prompt: str) -> torch.Tensor:
-    """Logits [vocab] of the token after `prompt`: one prefill of the loaded model (the engine's
-    own weights in a private KV cache; call it while the engine is idle)."""
-    engine = getattr(gen, "engine", None)
-    if engine is None:  # transformers backend
-        model = gen.model  # type: ignore[attr-defined]
-        ids = gen.chat.encode(prompt)  # type: ignore[attr-defined]
-        return cast(torch.Tensor, model(input_ids=torch.tensor([ids])).logits[0, -1].float())
-    from pice.kernels.paged_attention import build_metadata
-
-    runner = engine.runner
-    model, bs = runner.model, runner.cfg.block_size
-    ids = gen.chat.encode(prompt)  # type: ignore[attr-defined]
-    n, nb = len(ids), math.ceil(len(ids) / bs)
-    shape = (nb, bs, model.num_kv_heads, model.head_dim)
-    kv = [(torch.zeros(shape, dtype=runner.dtype, device=runner.device),
-           torch.zeros(shape, dtype=runner.dtype, device=runner.device))
-          for _ in range(model.num_layers)]  # each [blocks, block_size, kv_heads, head_dim]
-    meta = build_metadata([list(range(nb))], [n], [n], bs, runner.device)
-    hidden = model(torch.tensor(ids, dtype=torch.long, device=runner.device), kv, meta)
-    return cast(torch.Tensor, model.compute_logits(hidden[-1:])[0].float().cpu())  # [vocab]
+def defects(answer: str) -> dict[str, int]:
+    """Structural faults any reader sees: cut off, sentences said twice, points that echo the
+    list of points or repeat themselves."""
+    text = answer.strip()
+    last = words(text[-40:])
+    cut = int(bool(text) and (not _END.search(text) or (bool(last) and last[-1] in _DANGLING
+                                                           and not _END.search(text[-1:]))))
+    norm = [" ".join(words(s)) for s in sentences(text) if len(words(s)) >= 4]
+    repeated = len(norm) - len(set(norm))
+    _, its = items(text)
+    titles = [t.split(":")[0].strip() for t in its]
+    echo = 0
+    for i, t in enumerate(its):
+        body = t.split(":", 1)[1].strip() if ":" in t else t
+        others = titles[:i] + titles[i + 1:]
+        echo += bool(_INLINE.search(body) or _repeats(body)
+                     or sum(_mentions(body, o) >= 0 for o in others) >= 2)
+    return {"cut_off": cut, "repeated": repeated, "echo": echo}
 
 
-def _prompt(gen: TextGenerator, system: str, user: str) -> str:
-    return gen.render_chat([{"role": "system", "content": system},
-                            {"role": "user", "content": user}])
+@dataclass
+class Profile:
+    """What the judge knows about one answer alone."""
+
+    answer: str
+    fluency: float  # mean token log-probability (nats)
+    rubric: dict[str, float]  # criterion → expected 1-9 score
+    defects: dict[str, int] = field(default_factory=dict)
+    tokens: int = 0
+
+    @property
+    def rubric_mean(self) -> float:
+        return statistics.fmean(self.rubric.values()) if self.rubric else 5.0
+
+    def as_dict(self) -> dict[str, Any]:
+        return {k: v for k, v in asdict(self).items() if k != "answer"}
 
 
-def pairwise(gen: TextGenerator, question: str, first: str, second: str) -> float:
-    """P(first answer better), from the logits of "A" and "B" (renormalized over the two)."""
-    logits = next_token_logits(gen, _prompt(
-        gen, PAIRWISE, f"Question: {question}\n\n[Answer A]\n{first}\n\n[Answer B]\n{second}\n\n"
-                       "Which answer is better, A or B?"))
-    a, b = gen.chat.encode("A")[0], gen.chat.encode("B")[0]  # type: ignore[attr-defined]
-    return float(torch.softmax(logits[[a, b]], -1)[0])
+def key(question: str, answer: str) -> str:
+    return hashlib.sha256(f"{question}\x00{answer}".encode()).hexdigest()[:24]
 
 
-def rubric(gen: TextGenerator, question: str, answer: str) -> float:
-    """Expected rubric score in [1, 9] from the logits of the digits 1-9."""
-    logits = next_token_logits(gen, _prompt(
-        gen, RUBRIC, f"Question: {question}\n\n[Answer]\n{answer}\n\nScore (1-9):"))
-    ids = [gen.chat.encode(str(d))[0] for d in range(1, 10)]  # type: ignore[attr-defined]
-    p = torch.softmax(logits[ids], -1)  # [9]
-    return float((p * torch.arange(1, 10, dtype=p.dtype)).sum())
+def profile(gen: TextGenerator, question: str, answer: str,
+            cache: dict[str, dict[str, Any]] | None = None) -> Profile:
+    """The answer's profile; `cache` (key → profile dict) is read and filled."""
+    k = key(question, answer)
+    if cache is not None and k in cache:
+        d = cache[k]
+        return Profile(answer, d["fluency"], d["rubric"], defects(answer), d.get("tokens", 0))
+    lm: LMScore = score_answer(gen, question, answer)
+    p = Profile(answer, lm.fluency, lm.rubric, defects(answer), len(lm.token_logprobs))
+    if cache is not None:
+        cache[k] = p.as_dict()
+    return p
 
 
-def validate(gen: TextGenerator, items: list[tuple[str, str]], judges: tuple[str, ...] = (
-        "pairwise", "rubric"), progress: Any = None,
-        on_row: Any = None) -> dict[str, Any]:
-    """`items`: (question, full answer). Per judge: share correct overall and per corruption
-    (pairwise: in both orders), and the pairwise judge's position bias. `on_row(report)` gets
-    the report so far after every pair (a long run keeps what it did)."""
+def coverage(of: str, by: str) -> float:
+    """How much of `of`'s content `by` says: mean over `of`'s sentences of the best cosine with a
+    sentence of `by` (1.0: every sentence is there)."""
+    ref, ans = sentences(of), sentences(by)
+    if not ref:
+        return 1.0
+    if not ans:
+        return 0.0
+    sims = get_embedder().similarity(ref, ans)  # [ref, ans]
+    return float(sims.max(axis=1).clip(0, 1).mean())
+
+
+@dataclass
+class Comparison:
+    preference: float  # > 0: the first answer is better; antisymmetric in the two answers
+    signals: dict[str, float]  # each signal's preference in [-1, 1]
+    verdict: str  # "first" | "second" | "tie"
+
+
+def compare(a: Profile, b: Profile) -> Comparison:
+    """a vs b from their profiles (and a coverage of each by the other)."""
+    diffs = {
+        "structure": sum(b.defects.values()) - sum(a.defects.values()),
+        "completeness": coverage(b.answer, a.answer) - coverage(a.answer, b.answer),
+        "fluency": a.fluency - b.fluency,
+        "rubric": a.rubric_mean - b.rubric_mean,
+    }
+    signals = {s: math.tanh(d / SIGNALS[s][1]) for s, d in diffs.items()}
+    pref = sum(SIGNALS[s][0] * v for s, v in signals.items()) / sum(
+        w for w, _ in SIGNALS.values())
+    return Comparison(pref, signals, "first" if pref > TIE else "second" if pref < -TIE
+                      else "tie")
+
+
+def _share(xs: list[bool]) -> float:
+    return statistics.fmean(xs) if xs else 0.0
+
+
+def validate(gen: TextGenerator, pairs_from: list[tuple[str, str]],
+             cache: dict[str, dict[str, Any]] | None = None, pairwise_pairs: int = 0,
+             on_row: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
+    """`pairs_from`: (question, full answer). Every corruption of each answer is judged against
+    it in both orders (full first, then second). `pairwise_pairs`: how many of those pairs the
+    A/B prompt also judges (two long prefills each). `on_row(report so far)` after every
+    answer."""
     rows: list[dict[str, Any]] = []
-    for n, (question, full) in enumerate(items):
-        full_score = rubric(gen, question, full) if "rubric" in judges else None
+    report: dict[str, Any] = {}
+    for n, (question, full) in enumerate(pairs_from):
+        pf = profile(gen, question, full, cache)
         for kind, bad in corrupt(full, seed=n).items():
-            row: dict[str, Any] = {"item": n, "corruption": kind}
-            if "pairwise" in judges:
-                first = pairwise(gen, question, full, bad)  # P(full better), full shown first
-                second = 1 - pairwise(gen, question, bad, full)  # ... full shown second
-                row.update(p_full_first=first, p_full_second=second,
-                           correct_pairwise=first > 0.5 and second > 0.5)
-            if full_score is not None:
-                bad_score = rubric(gen, question, bad)
-                row.update(score_full=full_score, score_corrupt=bad_score,
-                           correct_rubric=full_score > bad_score)
+            pb = profile(gen, question, bad, cache)
+            fwd, rev = compare(pf, pb), compare(pb, pf)
+            row: dict[str, Any] = {
+                "item": n, "corruption": kind,
+                "full_first": fwd.verdict == "first", "full_second": rev.verdict == "second",
+                "preference": fwd.preference, "signals": fwd.signals,
+                "defects_full": pf.defects, "defects_corrupt": pb.defects}
+            if len([r for r in rows if "p_full_first" in r]) < pairwise_pairs:
+                p1 = pair_logits(gen, question, full, bad)  # P(full better), full shown first
+                p2 = 1 - pair_logits(gen, question, bad, full)  # ... full shown second
+                row.update(p_full_first=p1, p_full_second=p2)
             rows.append(row)
-            if progress is not None:
-                progress.update(1)
-            if on_row is not None:
-                on_row(summarize(rows, judges))
-    return summarize(rows, judges)
+        report = summarize(rows)
+        if on_row is not None:
+            on_row(report)
+    return report or summarize(rows)
 
 
-def summarize(rows: list[dict[str, Any]], judges: tuple[str, ...]) -> dict[str, Any]:
-    report: dict[str, Any] = {"pairs": len(rows), "pass_at": PASS, "rows": rows}
-    for j in judges:
-        key = f"correct_{j}"
-        ok = [r[key] for r in rows]
-        per = {c: statistics.fmean(r[key] for r in rows if r["corruption"] == c)
-               for c in CORRUPTIONS if any(r["corruption"] == c for r in rows)}
-        report[j] = {"correct": statistics.fmean(ok) if ok else 0.0, "by_corruption": per,
-                     "passed": bool(ok) and statistics.fmean(ok) >= PASS}
-    if "pairwise" in judges and rows:
-        # how often the answer shown first is preferred, whichever it is (0.5: no bias)
-        firsts = [r["p_full_first"] > 0.5 for r in rows] + [r["p_full_second"] <= 0.5
-                                                             for r in rows]
-        report["pairwise"]["position_bias_first_wins"] = statistics.fmean(firsts)
-    passed = [j for j in judges if report[j]["passed"]]
-    report["trusted"] = passed[0] if passed else None
+def summarize(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    by = {c: [r for r in rows if r["corruption"] == c] for c in CORRUPTIONS}
+    by = {c: rs for c, rs in by.items() if rs}
+
+    def acc(pred: Callable[[dict[str, Any]], bool], sel: list[dict[str, Any]]) -> float:
+        return _share([pred(r) for r in sel])
+
+    both = [r["full_first"] and r["full_second"] for r in rows]
+    firsts = [r["full_first"] for r in rows] + [not r["full_second"] for r in rows]
+    composite = {
+        "correct_both_orders": _share(both),
+        "correct_full_first": acc(lambda r: r["full_first"], rows),
+        "correct_full_second": acc(lambda r: r["full_second"], rows),
+        "by_corruption": {c: {"full_first": acc(lambda r: r["full_first"], rs),
+                              "full_second": acc(lambda r: r["full_second"], rs)}
+                          for c, rs in by.items()},
+        # share of verdicts that went to the answer shown first (0.5 with no bias, ties count
+        # as not first)
+        "first_shown_wins": _share(firsts),
+        # correct in both orders on at least PASS of all pairs
+        "passed": bool(rows) and _share(both) >= PASS,
+    }
+
+    def signal_right(s: str, sel: list[dict[str, Any]]) -> float:
+        return _share([r["signals"][s] > 0 for r in sel])
+
+    # each signal alone (a preference > 0 for the full answer counts as correct)
+    alone = {s: {"correct": signal_right(s, rows),
+                 "by_corruption": {c: signal_right(s, rs) for c, rs in by.items()}}
+             for s in SIGNALS}
+    report: dict[str, Any] = {"pairs": len(rows), "pass_at": PASS, "judge": composite,
+                              "signals_alone": alone, "weights": SIGNALS, "tie_below": TIE}
+    pw = [r for r in rows if "p_full_first" in r]
+    if pw:
+        report["pairwise_ab"] = {
+            "pairs": len(pw),
+            "correct_both_orders": acc(lambda r: r["p_full_first"] > 0.5
+                                       and r["p_full_second"] > 0.5, pw),
+            "correct_averaged_orders": acc(lambda r: r["p_full_first"] + r["p_full_second"]
+                                           > 1.0, pw),
+            "first_shown_wins": _share([r["p_full_first"] > 0.5 for r in pw]
+                                       + [r["p_full_second"] <= 0.5 for r in pw]),
+        }
+    report["trusted"] = "profile" if composite["passed"] else None
+    report["rows"] = rows
     return report

@@ -1,5 +1,7 @@
-"""`pice bench quality` at CI size on tiny models: every variant runs (the ensemble on two edge
-models plus a LoRA adapter), the judge reads the engine's own logits, JSON and PNG are written."""
+"""`pice bench quality` at CI size on tiny models: answers come from a real server on loopback
+(cloud, eager progressive, non-eager progressive; the ensemble on two edge models plus a LoRA
+adapter), are cached as JSON and reused, every variant is judged in both orders, and JSON and
+PNG are written."""
 
 from __future__ import annotations
 
@@ -7,29 +9,10 @@ import json
 from pathlib import Path
 
 import pytest
-import torch
 
-from pice.bench.quality import QualityConfig, coverage, next_token_logits, run_quality, verdict
-from pice.shared.engine.generator import EngineGenerator
-from pice.shared.hf_backend import HFGenerator
+from pice.bench.quality import QualityConfig, run_quality
 from tests.conftest import SKETCH_QUESTIONS
 from tests.factories import peft_adapter, tiny_qwen2
-
-
-def test_the_judge_reads_the_same_logits_as_transformers(tiny_model_dir: Path) -> None:
-    prompt = "Question: How can I sleep better? Which answer is better, A or B?"
-    engine = EngineGenerator(str(tiny_model_dir), max_context=1024)
-    hf = HFGenerator(str(tiny_model_dir), max_context=1024)
-    ours, ref = next_token_logits(engine, prompt), next_token_logits(hf, prompt)
-    assert ours.shape == ref.shape
-    assert torch.allclose(ours, ref, atol=1e-3)
-
-
-def test_verdict_needs_both_orders() -> None:
-    assert verdict(0.7, 0.6) == "win" and verdict(0.3, 0.2) == "loss"
-    assert verdict(0.7, 0.4) == "tie"  # the preference follows the position: no verdict
-    assert coverage("Sleep at fixed times. Keep it dark.", "") == 0.0
-    assert coverage("Sleep at fixed times.", "Sleep at fixed times.") == 1.0
 
 
 def test_quality_bench_on_tiny_models(sketch_model_dir: Path, tiny_model_dir: Path,
@@ -43,28 +26,32 @@ def test_quality_bench_on_tiny_models(sketch_model_dir: Path, tiny_model_dir: Pa
     cfg = QualityConfig(cloud_model=str(sketch_model_dir),
                         edge_models=[str(tiny_model_dir), str(second)], limit=2, max_tokens=48,
                         max_points=3, out_dir=tmp_path / "out", cache_dir=tmp_path / "cache",
-                        adapter=adapter, questions=questions)
+                        adapter=adapter, questions=questions, concurrency=2)
     result = run_quality(cfg, progress=False)
     assert (tmp_path / "out" / "quality.png").stat().st_size > 0
     saved = json.loads((tmp_path / "out" / "quality.json").read_text())
     assert saved["target"] == result["target"] and saved["target"]["questions"] == 2
+    assert "judge" in json.loads((tmp_path / "out" / "quality_judge.json").read_text())
+    cached = sorted((tmp_path / "cache" / "bench-quality").glob("*.json"))
+    phases = {p.name.rsplit("-", 1)[0] for p in cached}
+    assert {"cloud", "progressive", "progressive-no-eager"} <= phases
+    for p in cached:
+        if not p.name.startswith("profiles"):
+            assert {"t0", "t1"} <= set(json.loads(p.read_text()))
     rows = result["rows"]
-    assert len(rows) == 2 * 4
-    by = {(r["id"], r["variant"]): r for r in rows}
-    for q in ("t0", "t1"):
-        assert by[(q, "cloud")]["ran"] == "cloud"
-        assert by[(q, "progressive")]["ensemble"] == 1
-        assert by[(q, "ensemble")]["ensemble"] == 2
-        assert by[(q, "ensemble+adapter")]["ensemble"] == 3
-        for v in ("progressive", "ensemble", "ensemble+adapter"):
-            r = by[(q, v)]
-            assert r["ran"] == "progressive"
-            assert r["verdict"] in ("win", "tie", "loss")
-            assert 0 < r["p_variant_first"] < 1 and 0 < r["p_variant_second"] < 1
-            assert -1 <= r["similarity"] <= 1 + 1e-5 and 0 <= r["coverage"] <= 1
-    variants = result["variants"]
-    assert variants["ensemble+adapter"]["sources"][0]["adapter"] == "pice-expander"
-    overall = result["summary"]["overall"]
-    assert overall["ensemble+adapter"]["win"] + overall["ensemble+adapter"]["tie"] + \
-        overall["ensemble+adapter"]["loss"] == pytest.approx(1.0)
-    assert set(result["summary"]) == {"overall", "generic"}
+    assert {(r["id"], r["variant"]) for r in rows} == {
+        (q, v) for q in ("t0", "t1") for v in ("progressive", "progressive-no-eager")}
+    for r in rows:
+        assert r["ran"] == "progressive" and r["ensemble"] in (1, 2, 3)
+        assert r["verdict"] in ("win", "tie", "loss")
+        # the judge has no position: the verdict with the variant shown second is the same
+        assert r["verdict_variant_first"] == r["verdict_variant_second"]
+        assert r["latency"] > 0 and r["first_text"] > 0 and r["cloud_latency"] > 0
+    overall = result["summary"]["overall"]["progressive"]
+    assert overall["win"] + overall["tie"] + overall["loss"] == pytest.approx(1.0)
+    assert overall["first_shown_wins"] == 0.5
+    assert result["summary"]["eager_vs_not"]["first_section_ratio"] > 0
+    # a rerun reuses every cached answer and judge profile: the same verdicts
+    again = run_quality(cfg, progress=False)
+    assert [(r["id"], r["variant"], r["preference"]) for r in again["rows"]] == [
+        (r["id"], r["variant"], r["preference"]) for r in rows]
