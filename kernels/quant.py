@@ -59,8 +59,24 @@ def _nibbles(qs: torch.Tensor) -> torch.Tensor:
     return torch.cat((q & 0xF, q >> 4), -1)
 
 
+_CHUNK = 1 << 22  # values per piece of a large matrix: bounds the temporaries of (de)quantizing
+
+
 def dequantize(w: torch.Tensor, fmt: Fmt, k: int) -> torch.Tensor:
-    """uint8 [N, row_bytes] -> float32 [N, k]: the torch reference of every format."""
+    """uint8 [N, row_bytes] -> float32 [N, k]: the torch reference of every format. A large
+    matrix goes in pieces of rows into one output, so the peak memory is the output plus the
+    temporaries of one piece (an embedding table is 0.5 GB in float32)."""
+    n = w.shape[0]
+    rows = max(1, _CHUNK // max(k, 1))
+    if n > rows:
+        out = torch.empty(n, k, dtype=torch.float32)
+        for r0 in range(0, n, rows):
+            out[r0:r0 + rows] = _dequantize(w[r0:r0 + rows], fmt, k)
+        return out
+    return _dequantize(w, fmt, k)
+
+
+def _dequantize(w: torch.Tensor, fmt: Fmt, k: int) -> torch.Tensor:
     n = w.shape[0]
     size = BLOCKS[fmt][1]
     if fmt in (Fmt.F32, Fmt.F16):
@@ -114,9 +130,21 @@ def _pack_nibbles(q: torch.Tensor) -> torch.Tensor:
 
 
 def quantize(w: torch.Tensor, fmt: Fmt) -> torch.Tensor:
-    """float [N, K] -> uint8 [N, row_bytes(fmt, K)]."""
+    """float [N, K] -> uint8 [N, row_bytes(fmt, K)], a large matrix in pieces of rows (the
+    temporaries of one piece at a time)."""
     n, k = w.shape
-    row_bytes(fmt, k)  # validates the block size
+    rb = row_bytes(fmt, k)  # validates the block size
+    rows = max(1, _CHUNK // max(k, 1))
+    if n > rows:
+        out = torch.empty(n, rb, dtype=torch.uint8)
+        for r0 in range(0, n, rows):
+            out[r0:r0 + rows] = _quantize(w[r0:r0 + rows], fmt)
+        return out
+    return _quantize(w, fmt)
+
+
+def _quantize(w: torch.Tensor, fmt: Fmt) -> torch.Tensor:
+    n = w.shape[0]
     x = w.detach().float().reshape(-1, BLOCKS[fmt][0])  # [blocks, elems]
     if fmt in (Fmt.F32, Fmt.F16, Fmt.BF16):
         dt = {Fmt.F32: torch.float32, Fmt.F16: torch.float16, Fmt.BF16: torch.bfloat16}[fmt]

@@ -45,6 +45,19 @@ class LLMEngine:
         # counters: tokens actually computed in prefill and decode steps, preemptions
         self.stats = {"prefill_tokens": 0, "decode_tokens": 0, "preemptions": 0, "steps": 0,
                       "faults": 0}
+        self.warm_up()
+
+    def warm_up(self, prompt_len: int = 16, new_tokens: int = 8) -> None:
+        """One short greedy request through prefill and decode before the first real one, so
+        no first request pays for a one-time cost (kernel loading, thread-pool start, first
+        touch of buffers); leaves the counters at zero and nothing in the prefix cache that a
+        request could reuse by accident (ids 0..n-1 are no tokenizer's real prompt)."""
+        n = min(prompt_len, self.max_model_len - new_tokens - 1, self.runner.model.vocab_size)
+        if n < 1 or self.blocks.blocks_for(n + new_tokens) > self.blocks.num_blocks:
+            return  # a pool or context too small to spare: the first request warms it
+        params = SamplingParams(max_tokens=new_tokens, ignore_eos=True)
+        self.generate_ids([list(range(n))], params)
+        self.stats = dict.fromkeys(self.stats, 0)
 
     # ---- admission: every refusal happens here, never inside a step ------------------------
     def make_sequence(self, prompt_ids: list[int], params: SamplingParams,

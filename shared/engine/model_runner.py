@@ -11,7 +11,9 @@ import torch
 
 from pice.kernels.cpu_linear import use_cpu_kernels
 from pice.kernels.paged_attention import build_metadata
+from pice.kernels.quant_linear import load_quant_kernel
 from pice.kernels.quant_memory import zeros_lazy
+from pice.kernels.rowwise import rowwise_kernel
 from pice.shared.engine.config import EngineConfig
 from pice.shared.engine.lora import attach_lora
 from pice.shared.engine.models import build_model
@@ -34,6 +36,10 @@ class ModelRunner:
         t0 = time.perf_counter()
         self.model = build_model(cfg.model, dtype=self.dtype, device=self.device, gguf=cfg.gguf,
                                  quantization=cfg.weight_format)
+        if self.device.type == "cpu":  # built now, in the load a user watches, not mid-request
+            rowwise_kernel()
+            if cfg.weight_format != "none":
+                load_quant_kernel()
         if cfg.weight_format != "none":
             self.dtype = torch.float32  # activations of quantized models (norms, biases: fp32)
         elif cfg.cpu_kernels and self.device.type == "cpu" and self.dtype == torch.float32:

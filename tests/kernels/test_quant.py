@@ -12,6 +12,7 @@ import pytest
 import torch
 from gguf import GGMLQuantizationType, quants
 
+from pice.kernels import quant as quant_module
 from pice.kernels.quant import Fmt, dequantize, quantize, row_bytes
 from pice.kernels.quant_linear import (
     QuantEmbedding,
@@ -141,3 +142,14 @@ def test_bad_shapes_are_refused() -> None:
         row_bytes(Fmt.Q4_K, 300)
     with pytest.raises(ValueError, match="uint8"):
         QuantWeight(torch.zeros(4, 10, dtype=torch.uint8), Fmt.Q8_0, 32)
+
+
+@pytest.mark.parametrize("fmt", [Fmt.Q8_0, Fmt.Q4_K, Fmt.Q6_K, Fmt.F16])
+def test_large_matrices_go_in_pieces_with_the_same_result(
+        fmt: Fmt, monkeypatch: pytest.MonkeyPatch) -> None:
+    w = weights(37, 512, 8)
+    whole_q = quantize(w, fmt)
+    whole = dequantize(whole_q, fmt, 512)
+    monkeypatch.setattr(quant_module, "_CHUNK", 5 * 512)  # pieces of 5 rows
+    assert torch.equal(quantize(w, fmt), whole_q)
+    assert torch.equal(dequantize(whole_q, fmt, 512), whole)

@@ -14,7 +14,7 @@ import torch
 from safetensors import safe_open
 from torch import nn
 
-from pice.kernels.quant import Fmt, quantize
+from pice.kernels.quant import Fmt, dequantize, quantize, row_bytes
 from pice.kernels.quant_linear import QuantEmbedding, QuantLinear, QuantWeight
 from pice.shared.engine.models.base import CausalLM
 from pice.shared.errors import UnsupportedModelError
@@ -66,13 +66,27 @@ class Requantized:
     def dense(self, name: str) -> torch.Tensor:
         return self.inner.dense(name)
 
-    def quantized(self, name: str) -> QuantWeight:
-        w = self.inner.dense(name).float()  # [rows, k]
-        k = w.shape[1]
+    def _format(self, name: str, k: int) -> Fmt:
         if k % 32:
             raise UnsupportedModelError(f"{name}: row length {k} is not a multiple of 32")
-        fmt = Fmt.Q8_0 if self.bits == 8 else Fmt.Q4_K if k % 256 == 0 else Fmt.Q4_0
-        return QuantWeight(quantize(w, fmt), fmt, k)
+        return Fmt.Q8_0 if self.bits == 8 else Fmt.Q4_K if k % 256 == 0 else Fmt.Q4_0
+
+    def quantized(self, name: str) -> QuantWeight:
+        own = getattr(self.inner, "quantized", None)
+        if own is not None:  # a GGUF's blocks: requantized a piece of rows at a time, so no
+            src: QuantWeight = own(name)  # whole float32 matrix is ever held
+            fmt = self._format(name, src.k)
+            if src.fmt == fmt:
+                return src
+            out = torch.empty(src.rows, row_bytes(fmt, src.k), dtype=torch.uint8)
+            step = max(1, (1 << 22) // src.k)
+            for r0 in range(0, src.rows, step):
+                piece = dequantize(src.data[r0:r0 + step], src.fmt, src.k)
+                out[r0:r0 + step] = quantize(piece, fmt)
+            return QuantWeight(out, fmt, src.k)
+        w = self.inner.dense(name).float()  # [rows, k], one tensor at a time
+        fmt = self._format(name, w.shape[1])
+        return QuantWeight(quantize(w, fmt), fmt, w.shape[1])
 
 
 def _parts(model: CausalLM, leaf: str) -> list[str]:
@@ -152,24 +166,40 @@ def densify(model: CausalLM, dtype: torch.dtype) -> CausalLM:
     (the fp32 / bf16 engine on a GGUF-only model directory)."""
     embed = model.model.get_submodule("embed_tokens")
     if isinstance(embed, QuantEmbedding):
-        dense = nn.Embedding(embed.num_embeddings, embed.embedding_dim, dtype=dtype)
-        dense.weight.copy_(embed.qweight.dequantize())
+        dense = nn.Embedding(embed.num_embeddings, embed.embedding_dim, dtype=dtype,
+                             device="meta").to_empty(device="cpu")
+        _dequantize_into(dense.weight, [embed.qweight])
         model.model.register_module("embed_tokens", dense)
-    for name, mod in list(model.named_modules()):
-        if not isinstance(mod, QuantLinear):
-            continue
+        del embed, dense
+    # by name, so each QuantLinear is freed as soon as its float layer replaces it
+    names = [n for n, m in model.named_modules() if isinstance(m, QuantLinear)]
+    for name in names:
+        mod = cast(QuantLinear, model.get_submodule(name))
         owner, leaf = name.rsplit(".", 1) if "." in name else ("", name)
         lin = nn.Linear(mod.in_features, mod.out_features, bias=mod.bias is not None,
-                        dtype=dtype)
+                        dtype=dtype, device="meta").to_empty(device="cpu")
         if name == "lm_head" and model.tie_word_embeddings:
             lin.weight = cast(nn.Embedding, model.model.get_submodule("embed_tokens")).weight
         else:
-            lin.weight.copy_(mod.dequantized_weight())
+            _dequantize_into(lin.weight, mod.segments)
         if mod.bias is not None:
             assert lin.bias is not None
             lin.bias.copy_(mod.bias)
         model.get_submodule(owner).register_module(leaf, lin)
+        del mod, lin
     return cast(CausalLM, model.to(dtype))
+
+
+def _dequantize_into(dest: torch.Tensor, segments: list[QuantWeight]) -> None:
+    """Fill dest [sum rows, k] from quantized segments, a piece of rows at a time (no float32
+    copy of a whole matrix besides `dest` itself)."""
+    r0 = 0
+    for seg in segments:
+        step = max(1, (1 << 22) // seg.k)
+        for s0 in range(0, seg.rows, step):
+            part = QuantWeight(seg.data[s0:s0 + step], seg.fmt, seg.k).dequantize()
+            dest[r0 + s0:r0 + s0 + part.shape[0]].copy_(part)
+        r0 += seg.rows
 
 
 def step_bytes(model: nn.Module) -> int:
