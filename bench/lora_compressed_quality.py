@@ -92,8 +92,8 @@ def prepare(cfg: QualityConfig) -> tuple[Path, list[tuple[str, Path]], dict[str,
     if any(not p.is_file() for p in state_paths):
         base = _load(cfg.model)
         enc = [encode(tok, exs, t) for t in todo_tasks]
-        seqs = lower_states(base, cfg.top, enc[0][0], [a for _, a in enc])
-        for p, s in zip(state_paths, seqs, strict=True):
+        per_task = lower_states(base, cfg.top, enc[0][0], [a for _, a in enc])
+        for p, s in zip(state_paths, per_task, strict=True):
             save_states(p, s)
     train_idx, _ = split(len(exs))
     for i in tqdm(missing, desc="train LoRAs", unit="adapter"):
@@ -122,7 +122,7 @@ def _stores(cfg: QualityConfig, work: Path, ads: list[tuple[str, Path]]) -> dict
             plans[f"{m}-r{r}"] = CompressConfig(method=m, budget=1e9, ranks=[r], clusters=[1],
                                                 max_rank=top, force=True)
     out = {}
-    for label, ccfg in tqdm(plans.items(), desc="compress", unit="store"):  # type: ignore[arg-type]
+    for label, ccfg in tqdm(plans.items(), desc="compress", unit="store"):
         store = _run_dir(cfg) / "stores" / label
         out[label] = (store, compress(sources, shape, store, ccfg, progress=False))
     return out

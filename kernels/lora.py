@@ -43,9 +43,11 @@ class Cores:
     once per step: full [k, n, r, r] (Σ per sub-projection) and diag [k', n, r] (σ)."""
 
     full_pos: torch.Tensor  # [k] int64
-    full: torch.Tensor  # [k, n, r, r]
+    full: torch.Tensor  # [u, n, r, r]: u = k, or the distinct cores when full_of is given
     diag_pos: torch.Tensor  # [k'] int64
-    diag: torch.Tensor  # [k', n, r]
+    diag: torch.Tensor  # [u', n, r]
+    full_of: torch.Tensor | None = None  # [k] int64: position -> row of `full` (else 1:1)
+    diag_of: torch.Tensor | None = None  # [k'] int64
 
 
 def apply_cores_(t: torch.Tensor, cores: Cores) -> None:
@@ -53,11 +55,13 @@ def apply_cores_(t: torch.Tensor, cores: Cores) -> None:
     every position with a core (per sub-projection j), σ_p * t_p for JD-Diag ones."""
     if cores.full_pos.numel():
         r = min(cores.full.shape[-1], t.shape[1])
+        full = cores.full if cores.full_of is None else cores.full[cores.full_of]
         sel = t[cores.full_pos, :r]  # [k, r, n]
-        t[cores.full_pos, :r] = torch.einsum("knrs,ksn->krn", cores.full[..., :r, :r], sel)
+        t[cores.full_pos, :r] = torch.einsum("knrs,ksn->krn", full[..., :r, :r], sel)
     if cores.diag_pos.numel():
         r = min(cores.diag.shape[-1], t.shape[1])
-        t[cores.diag_pos, :r] = t[cores.diag_pos, :r] * cores.diag[..., :r].transpose(1, 2)
+        diag = cores.diag if cores.diag_of is None else cores.diag[cores.diag_of]
+        t[cores.diag_pos, :r] = t[cores.diag_pos, :r] * diag[..., :r].transpose(1, 2)
 
 
 def sgmv_(y: torch.Tensor, x: torch.Tensor, a: torch.Tensor, bs: Sequence[torch.Tensor],

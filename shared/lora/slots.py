@@ -11,9 +11,9 @@ from __future__ import annotations
 
 import torch
 
-from pice.kernels.lora import Cores
 from pice.kernels.quant_memory import zeros_lazy
 from pice.shared.lora.adapter import LoadedAdapter, ModelShape
+from pice.shared.lora.compress.sigma import SigmaTable
 
 # Fused groups of the engine's projections, in their output column order.
 GROUPS: dict[str, tuple[str, ...]] = {
@@ -83,94 +83,3 @@ class SlotBuffers:
             r = a.shape[0]
             self.a[layer][group][slot, :r, j].copy_(a)  # [r, in]
             self.b[layer][group][j][slot, :, :r].copy_(b)  # [out, r]
-
-
-class SigmaTable:
-    """The cores of every registered compressed adapter, one row each, per layer and group:
-    full[layer][group]: [N, n, r, r] (JD-Full Σ per sub-projection), diag[layer][group]:
-    [N', n, r] (JD-Diag σ); r is the largest compressed rank so far. Rows of projections an
-    adapter does not target stay zero. Grows by doubling (a copy, rare: when adapters are
-    compressed); a removed adapter's row is zeroed at once and reused."""
-
-    def __init__(self, shape: ModelShape, dtype: torch.dtype, device: torch.device) -> None:
-        self.shape, self.dtype, self.device = shape, dtype, device
-        self.rank = 0
-        self.groups: set[str] = set()
-        self.rows: dict[str, tuple[str, int]] = {}  # name -> (kind "full" | "diag", row)
-        self.cap = {"full": 0, "diag": 0}
-        self.free: dict[str, list[int]] = {"full": [], "diag": []}
-        self.tables: dict[str, list[dict[str, torch.Tensor]]] = {"full": [], "diag": []}
-
-    @property
-    def nbytes(self) -> int:
-        return sum(t.nbytes for kind in self.tables.values() for layer in kind
-                   for t in layer.values())
-
-    def _alloc(self, kind: str, cap: int, rank: int, groups: set[str]) -> None:
-        old, old_cap, old_rank = self.tables[kind], self.cap[kind], self.rank
-        new: list[dict[str, torch.Tensor]] = []
-        dims = 2 if kind == "full" else 1
-        for layer in range(self.shape.num_layers):
-            per: dict[str, torch.Tensor] = {}
-            for group in (g for g in GROUPS if g in groups):
-                t = torch.zeros(cap, len(GROUPS[group]), *(rank,) * dims, dtype=self.dtype,
-                                device=self.device)
-                if old and group in old[layer]:
-                    cut = (slice(0, old_cap), slice(None)) + (slice(0, old_rank),) * dims
-                    t[cut] = old[layer][group]
-                per[group] = t
-            new.append(per)
-        self.tables[kind], self.cap[kind] = new, cap
-
-    @torch.no_grad()
-    def add(self, name: str, kind: str, rank: int,
-            cores: dict[tuple[int, str], torch.Tensor]) -> None:
-        """cores[(layer, proj)]: [r, r] (full) or [r] (diag), r <= rank. Only the groups some
-        compressed adapter targets are allocated."""
-        self.remove(name)
-        groups = self.groups | {GROUP_OF[proj][0] for _, proj in cores}
-        if rank > self.rank or groups != self.groups:
-            for k in ("full", "diag"):
-                if self.cap[k]:
-                    self._alloc(k, self.cap[k], max(rank, self.rank), groups)
-            self.rank, self.groups = max(rank, self.rank), groups
-        if not self.free[kind]:
-            cap = self.cap[kind]
-            self._alloc(kind, max(16, 2 * cap), self.rank, self.groups)
-            self.free[kind] = list(range(cap, self.cap[kind]))[::-1]
-        row = self.free[kind].pop()
-        for (layer, proj), core in cores.items():
-            group, j = GROUP_OF[proj]
-            r = core.shape[0]
-            cut = (row, j) + (slice(0, r),) * core.dim()
-            self.tables[kind][layer][group][cut] = core.to(self.dtype)
-        self.rows[name] = (kind, row)
-
-    @torch.no_grad()
-    def remove(self, name: str) -> None:
-        got = self.rows.pop(name, None)
-        if got is not None:
-            kind, row = got
-            for layer in self.tables[kind]:
-                for t in layer.values():
-                    t[row].zero_()
-            self.free[kind].append(row)
-
-    def gather(self, full: list[tuple[int, int]], diag: list[tuple[int, int]]
-               ) -> list[dict[str, Cores]]:
-        """Per layer and group, the step's cores: `full`/`diag` are (position, row) pairs."""
-        dev = self.device
-        fp = torch.tensor([p for p, _ in full], dtype=torch.long, device=dev)
-        fr = torch.tensor([r for _, r in full], dtype=torch.long, device=dev)
-        dp = torch.tensor([p for p, _ in diag], dtype=torch.long, device=dev)
-        dr = torch.tensor([r for _, r in diag], dtype=torch.long, device=dev)
-        empty = torch.zeros(0, dtype=self.dtype, device=dev)
-        out = []
-        for layer in range(self.shape.num_layers):
-            per = {}
-            for group in self.groups:
-                f = self.tables["full"][layer][group][fr] if full else empty
-                d = self.tables["diag"][layer][group][dr] if diag else empty
-                per[group] = Cores(fp, f, dp, d)
-            out.append(per)
-        return out

@@ -29,6 +29,7 @@ class CompressedPool:
     _free: list[int]
     _next_uid: int
     _drop_host: Callable[[str, Any], None]
+    _request_load: Callable[[str, Any], None]
 
     def add_compressed(self, root: Path) -> list[str]:
         """Serve the registered adapters a compressed store holds through their cluster's basis
@@ -52,8 +53,12 @@ class CompressedPool:
                 if not any(e.basis == name for e in self._entries.values()):
                     self._drop_basis(name)
             for cid, spec in clusters.items():
-                self._entries[f"~basis/{cid}@{gen}"] = _Entry(spec, self._next_uid, hidden=True)
+                key = f"~basis/{cid}@{gen}"
+                self._entries[key] = _Entry(spec, self._next_uid, hidden=True)
                 self._next_uid += 1
+                # bases are few and serve many adapters: read them into host RAM now, so a
+                # cold basis costs a copy into a slot, not a disk read on the request's path
+                self._request_load(key, self._entries[key])
             for name, (cid, kind, rank, cores) in sigmas.items():
                 entry = self._entries.get(name)
                 if entry is None or entry.hidden or entry.users or self.buffers is None:
