@@ -104,8 +104,8 @@ async def answer(pipeline: Pipeline, plan: Plan, asked_auto: bool) -> Answer:
             f" with adapter {who.ref}" if who.ref and who.adapter else "")
     else:
         assert plan.decision is not None
-        reason = plan.decision.reason + (
-            "; logprobs requested: one model writes the whole answer" if asked_auto else "")
+        reason = ("logprobs requested: one model (the cloud) writes the whole answer"
+                  if asked_auto else plan.decision.reason)
     done = DoneEvent(text=out.text, mode=stage, reason=reason, sketch=[], timings=timings,
                      tokens={"prompt": out.prompt_tokens, "cloud": 0 if edge else n,
                              "edge": n if edge else 0},
