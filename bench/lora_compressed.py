@@ -10,16 +10,17 @@ as fit in the same bytes. Each system runs in its own process (`pice.bench.lora_
 
 from __future__ import annotations
 
+import hashlib
 import json
 import tempfile
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from tqdm import tqdm
 
-from pice.bench.lora import LoraBenchConfig, _p, _tiny_model, _worker, make_trace, summarize
+from pice.bench.lora import LoraBenchConfig, _tiny_model, _worker, make_trace
 from pice.shared.models import DEFAULT_EDGE_MODEL, resolve_model
 
 
@@ -44,12 +45,13 @@ class CompressedBenchConfig:
     budget: float = 0.3
     # the candidates the compressor chooses from (kept few: each is a full clustering run)
     ranks: list[int] = field(default_factory=lambda: [16])
-    clusters: list[int] = field(default_factory=lambda: [8, 16])
+    clusters: list[int] = field(default_factory=lambda: [8])
     rounds: int = 2  # reassignment rounds and HOOI iterations per fit
     iters: int = 3
     max_num_seqs: int = 16
     kv_cache_gb: float = 0.25
     slo_ttft_s: float = 6.0
+    micro_reps: int = 3  # decode-step microbenchmark repetitions (0: none)
     seed: int = 0
     threads: int = 0
     out_dir: Path = Path("bench-results")
@@ -84,42 +86,74 @@ def _trace_cfg(cfg: CompressedBenchConfig) -> LoraBenchConfig:
                            baseline_n=1, baseline_alpha=cfg.alpha, seed=cfg.seed)
 
 
-def run_compressed_bench(cfg: CompressedBenchConfig) -> dict[str, Any]:
+def _root(cfg: CompressedBenchConfig, tmp: Path) -> Path:
+    """Where the model, adapters and stores live: the cache dir (a rerun reuses them; the
+    stores are resumable and fingerprinted), or `tmp` for --tiny."""
+    if cfg.tiny:
+        return tmp
+    from pice.shared.models.cache import default_cache_dir
+
+    key = json.dumps([cfg.model, cfg.rank, cfg.subspaces, cfg.subspace, cfg.noise, cfg.targets,
+                      cfg.seed])
+    return (cfg.cache_dir or default_cache_dir()) / "bench" / "lora-compressed" / \
+        hashlib.sha256(key.encode()).hexdigest()[:12]
+
+
+def _adapters(cfg: CompressedBenchConfig, root: Path, model: Path, shape: Any) -> Path:
     from pice.bench.lora_adapters import write_shared_adapters
+
+    out, n = root / "adapters", max(cfg.ns)
+    mark = out / "written.json"
+    if not mark.is_file() or json.loads(mark.read_text())["n"] < n:
+        write_shared_adapters(out, shape, n, clusters=cfg.subspaces, rank=cfg.rank,
+                              subspace=cfg.subspace, targets=cfg.targets, noise=cfg.noise,
+                              seed=cfg.seed, base_model=str(model))
+        mark.write_text(json.dumps({"n": n}))
+    return out
+
+
+def run_compressed_bench(cfg: CompressedBenchConfig) -> dict[str, Any]:
+    from pice.bench.lora_compressed_report import plot, report
     from pice.shared.lora.compress import CompressConfig, Source, compress
     from pice.shared.lora.compress.serve import shape_from_config
 
     cfg.out_dir.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="pice-bench-lora-c-") as tmp:
-        root = Path(tmp)
-        model = _tiny_model(root) if cfg.tiny else _small_model(root) \
-            if cfg.model == SMALL else Path(resolve_model(cfg.model, cfg.cache_dir).path)
+        root = _root(cfg, Path(tmp))
+        root.mkdir(parents=True, exist_ok=True)
+        if cfg.tiny:
+            model = _tiny_model(root)
+        elif cfg.model == SMALL:
+            model = root / "small" if (root / "small" / "config.json").is_file() \
+                else _small_model(root)
+        else:
+            model = Path(resolve_model(cfg.model, cfg.cache_dir).path)
         shape = shape_from_config(model)
         vocab = int(json.loads((model / "config.json").read_text())["vocab_size"])
-        write_shared_adapters(root / "adapters", shape, max(cfg.ns), clusters=cfg.subspaces,
-                              rank=cfg.rank, subspace=cfg.subspace, targets=cfg.targets,
-                              noise=cfg.noise, seed=cfg.seed, base_model=str(model))
+        ads = _adapters(cfg, root, model, shape)
         max_rank = max(*cfg.ranks, cfg.rank)
-        common = {"model": str(model), "adapter_dir": str(root / "adapters"),
-                  "max_rank": max_rank, "max_num_seqs": cfg.max_num_seqs,
-                  "kv_cache_gb": cfg.kv_cache_gb, "threads": cfg.threads}
+        common = {"model": str(model), "adapter_dir": str(ads), "max_rank": max_rank,
+                  "max_num_seqs": cfg.max_num_seqs, "kv_cache_gb": cfg.kv_cache_gb,
+                  "threads": cfg.threads, "micro_reps": cfg.micro_reps}
         tcfg = _trace_cfg(cfg)
-        raw: dict[str, Any] = {"single": _worker(common | {
-            "kind": "uncompressed", "n": 1, "slots": 1,
-            "trace": make_trace(1, cfg.alpha, tcfg, vocab)}, root)}
+        raw: dict[str, Any] = {}
         comp: dict[str, Any] = {}
         for n in tqdm(cfg.ns, desc="bench lora --compressed", unit="n"):
             ccfg = CompressConfig(method=cfg.method, budget=cfg.budget,  # type: ignore[arg-type]
                                   ranks=cfg.ranks, clusters=cfg.clusters, max_rank=max_rank,
                                   rounds=cfg.rounds, iters=cfg.iters, seed=cfg.seed)
             t0 = time.perf_counter()
-            store = root / f"store-{n}"
-            manifest = compress([Source(f"lora-{i}", root / "adapters" / f"lora-{i}")
-                                 for i in range(n)], shape, store, ccfg, progress=False)
+            store = root / f"store-{n}-{cfg.method}"
+            manifest = compress([Source(f"lora-{i}", ads / f"lora-{i}") for i in range(n)],
+                                shape, store, ccfg, progress=False)
             comp[str(n)] = manifest["totals"] | {"wall_s": time.perf_counter() - t0,
                                                  "errors": sorted(
                 a.get("error_max", 0.0) for a in manifest["adapters"].values())}
             trace = make_trace(n, cfg.alpha, tcfg, vocab)
+            # the single-adapter baseline next to each n (a shared machine drifts)
+            raw[f"single/n={n}"] = _worker(common | {
+                "kind": "uncompressed", "n": 1, "slots": 1, "micro_reps": 0,
+                "trace": make_trace(1, cfg.alpha, tcfg, vocab)}, root)
             # a slot per cluster, and a few for adapters the budget left uncompressed
             k = max(1, manifest["totals"]["clusters"] + min(4, manifest["totals"]["uncompressed"]))
             c = _worker(common | {"kind": "compressed", "n": n, "slots": k,
@@ -130,96 +164,10 @@ def run_compressed_bench(cfg: CompressedBenchConfig) -> dict[str, Any]:
                                   "trace": trace}, root)
             raw[f"compressed/n={n}"], raw[f"uncompressed/n={n}"] = c, u
             (cfg.out_dir / "lora_compressed-raw.json").write_text(json.dumps(raw))
-    result = _report(cfg, raw, comp)
+    result = report(cfg, raw, comp)
     (cfg.out_dir / "lora_compressed.json").write_text(json.dumps(result, indent=2, default=str))
-    _plot(result, cfg.out_dir / "lora_compressed.png")
+    plot(result, cfg.out_dir / "lora_compressed.png")
     return result
-
-
-def _summary(out: dict[str, Any], slo: float) -> dict[str, Any]:
-    recs = out["records"]
-    s = summarize(recs, slo)
-    hit = [r["ttft"] for r in recs if r.get("hit") is True]
-    miss = [r["ttft"] for r in recs if r.get("hit") is False]
-    return s | {"slots": out["slots"], "lora_mb": out["lora_bytes"] / 2**20,
-                "peak_rss_mb": out["peak_rss_mb"], "pool": out["pool"],
-                "ttft_p90_hit_s": _p(hit, 0.9), "ttft_p90_miss_s": _p(miss, 0.9)}
-
-
-def _report(cfg: CompressedBenchConfig, raw: dict[str, Any],
-            comp: dict[str, Any]) -> dict[str, Any]:
-    single = _summary(raw["single"], cfg.slo_ttft_s)
-    rows = []
-    for n in cfg.ns:
-        for kind in ("compressed", "uncompressed"):
-            s = _summary(raw[f"{kind}/n={n}"], cfg.slo_ttft_s)
-            rows.append({"n": n, "system": kind, **s,
-                         "throughput_vs_single": s["throughput_tok_s"]
-                         / single["throughput_tok_s"]})
-    by = {(r["n"], r["system"]): r for r in rows}
-    slot_mb = raw["single"]["slot_bytes"] / 2**20
-    n_hi = max(cfg.ns)
-    targets: dict[str, bool] = {}
-    if 1000 in cfg.ns:
-        targets["1000 adapters >= 0.9 x single-adapter throughput"] = \
-            by[(1000, "compressed")]["throughput_vs_single"] >= 0.9
-    targets[f"{n_hi} adapters within the memory of 100 uncompressed"] = \
-        by[(n_hi, "compressed")]["lora_mb"] <= 100 * slot_mb
-    targets["miss TTFT p90 <= 1.5 x hit (compressed, every n)"] = all(
-        not by[(n, "compressed")]["ttft_p90_miss_s"] > 1.5 * by[(n, "compressed")][
-            "ttft_p90_hit_s"] for n in cfg.ns)
-    return {"config": asdict(cfg) | {"out_dir": str(cfg.out_dir)}, "single": single,
-            "slot_mb": slot_mb, "hundred_uncompressed_mb": 100 * slot_mb,
-            "compression": comp, "rows": rows, "targets_met": targets}
-
-
-def table(result: dict[str, Any]) -> str:
-    head = (f"{'n':>5} {'system':13} {'slots':>5} {'LoRA MB':>8} {'tok/s':>7} {'vs 1':>5} "
-            f"{'TTFT p50':>8} {'p90':>6} {'hit':>5} {'clusters':>8} {'compr.':>7}")
-    lines = [head]
-    for r in result["rows"]:
-        c = result["compression"][str(r["n"])]
-        extra = f"{c['clusters']:>8} {c['compressed']:>7}" if r["system"] == "compressed" \
-            else f"{'':>8} {'':>7}"
-        lines.append(f"{r['n']:>5} {r['system']:13} {r['slots']:>5} {r['lora_mb']:>8.2f} "
-                     f"{r['throughput_tok_s']:>7.1f} {r['throughput_vs_single']:>5.2f} "
-                     f"{r['ttft_p50_s']:>8.3f} {r['ttft_p90_s']:>6.3f} "
-                     f"{r['cache_hit_rate']:>5.2f} {extra}")
-    s = result["single"]
-    lines.append(f"single adapter: {s['throughput_tok_s']:.1f} tok/s; 100 uncompressed "
-                 f"adapters: {result['hundred_uncompressed_mb']:.2f} MB")
-    return "\n".join(lines)
-
-
-def _plot(r: dict[str, Any], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, 3, figsize=(15, 4.5))
-    ns = r["config"]["ns"]
-    for kind, marker in (("compressed", "o-"), ("uncompressed", "s--")):
-        rows = [x for x in r["rows"] if x["system"] == kind]
-        axes[0].plot(ns, [x["throughput_vs_single"] for x in rows], marker, label=kind)
-        axes[1].plot(ns, [x["ttft_p90_s"] for x in rows], marker, label=f"{kind} p90")
-        axes[1].plot(ns, [x["ttft_p50_s"] for x in rows], marker, alpha=0.4,
-                     label=f"{kind} p50")
-        axes[2].plot(ns, [x["cache_hit_rate"] for x in rows], marker, label=kind)
-    axes[0].axhline(1.0, color="gray", lw=0.8)
-    axes[0].axhline(0.9, color="green", lw=0.8, ls=":", label="target 0.9")
-    for ax, title in ((axes[0], "throughput / single adapter"), (axes[1], "TTFT (s)"),
-                      (axes[2], "adapter cache hit rate")):
-        ax.set_xscale("log")
-        ax.set_xlabel("adapters n (equal adapter memory)")
-        ax.set_title(title)
-        ax.legend(fontsize=7)
-    name = "tiny" if r["config"]["tiny"] else r["config"]["model"]
-    fig.suptitle(f"pice bench lora --compressed: {name}, S-LoRA trace, "
-                 f"{r['config']['requests']} requests per n")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
 
 
 def cmd(args: Any) -> int:
@@ -247,30 +195,8 @@ def cmd(args: Any) -> int:
     if args.ns:
         kw["ns"] = [int(x) for x in args.ns.split(",")]
     result = run_compressed_bench(CompressedBenchConfig(**kw))
+    from pice.bench.lora_compressed_report import table
+
     print(table(result))
     print(json.dumps({"targets_met": result["targets_met"]}, indent=2))
     return 0
-
-
-# ---- worker side (python -m pice.bench.lora_worker) ---------------------------------------------
-def run_worker(spec: dict[str, Any]) -> dict[str, Any]:
-    import torch
-
-    from pice.bench.lora_worker import _engine, _peak_rss_mb, _warm_up, run_pice_trace
-    from pice.shared.lora.slots import slot_bytes
-
-    torch.set_num_threads(spec["threads"]) if spec["threads"] else None
-    engine = _engine(spec, slots=spec["slots"])
-    n = spec["n"]
-    for i in range(n):
-        engine.pool.add(f"lora-{i}", Path(spec["adapter_dir"]) / f"lora-{i}")
-    if spec["kind"] == "compressed":
-        engine.pool.add_compressed(Path(spec["store"]))
-    _warm_up(engine)
-    records = run_pice_trace(engine, spec["trace"], n, spec)
-    buffers = engine.pool.buffers
-    return {"records": records, "pool": dict(engine.pool.stats), "slots": spec["slots"],
-            "lora_bytes": buffers.nbytes + buffers.sigma.nbytes,
-            "slot_bytes": slot_bytes(engine.pool.shape, spec["max_rank"],
-                                     engine.runner.dtype.itemsize),
-            "peak_rss_mb": _peak_rss_mb()}

@@ -280,7 +280,7 @@ def main() -> None:
     spec = json.loads(Path(sys.argv[1]).read_text())
     kind = spec["kind"]
     if kind in ("compressed", "uncompressed"):  # pice bench lora --compressed
-        from pice.bench.lora_compressed import run_worker
+        from pice.bench.lora_compressed_worker import run_worker
 
         print(json.dumps(run_worker(spec)))
         return

@@ -3,8 +3,9 @@ tiny-model server on loopback, with only these substitutions: the server's addre
 `localhost:8000` (and PICE_PORT for `pice ask`), this interpreter for `.venv/bin/pice`, and a
 PEFT adapter of the tiny model for the shipped adapter's directory (the real one is for
 qwen2.5-coder-0.5b-instruct). A block that cannot run here (it installs, serves forever, trains
-or rewrites files) is preceded by `<!-- readme-test: skip REASON -->`; a block the test does not
-know how to run fails the test, so new examples are run or marked."""
+or rewrites files) is preceded by `<!-- readme-test: skip REASON -->`; every other bash or python
+block runs, so a new example is run or explicitly marked. ```text and unlabelled blocks are
+output and layout, not run."""
 
 from __future__ import annotations
 

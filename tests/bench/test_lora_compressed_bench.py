@@ -6,7 +6,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from pice.bench.lora_compressed import CompressedBenchConfig, run_compressed_bench, table
+from pice.bench.lora_compressed import CompressedBenchConfig, run_compressed_bench
+from pice.bench.lora_compressed_report import table
 
 
 def test_tiny_compressed_bench(tmp_path: Path) -> None:
@@ -23,4 +24,9 @@ def test_tiny_compressed_bench(tmp_path: Path) -> None:
         assert r["requests"] == 6 and r["tokens"] == rows["compressed"]["tokens"]
         pool = r["pool"]
         assert pool["hits"] + pool["misses"] == 6
-    assert "compressed" in table(result)
+    raw = json.loads((tmp_path / "lora_compressed-raw.json").read_text())
+    assert set(raw) == {"single/n=12", "compressed/n=12", "uncompressed/n=12"}
+    # the decode-step microbenchmark: the single adapter vs 12 distinct compressed ones
+    assert rows["compressed"]["step_ms_single"] > 0 and rows["compressed"]["step_vs_single"] > 0
+    assert rows["compressed"]["single_tok_s"] > 0
+    assert "| 12 | compressed | 2 |" in table(result)
