@@ -17,6 +17,7 @@ class SamplingParams:
     stop: tuple[str, ...] = ()  # generation ends before the first of these strings
     stop_token_ids: tuple[int, ...] = ()  # extra tokens that end generation (besides EOS)
     ignore_eos: bool = False  # run to max_tokens (benchmarks)
+    top_logprobs: int = 0  # also keep the N most likely tokens per step (OpenAI's top_logprobs)
 
     def __post_init__(self) -> None:
         if self.max_tokens < 1:
@@ -28,6 +29,9 @@ class SamplingParams:
             )
         if not 0.0 < self.top_p <= 1.0:
             raise BadRequestError(f"top_p must be in (0, 1], got {self.top_p}", field="top_p")
+        if not 0 <= self.top_logprobs <= 20:
+            raise BadRequestError(f"top_logprobs must be in [0, 20], got {self.top_logprobs}",
+                                  field="top_logprobs")
         if self.top_k < 0:
             raise BadRequestError(f"top_k must be >= 0, got {self.top_k}", field="top_k")
         if self.seed is not None and not -(2**63) <= self.seed < 2**64:  # a torch generator's

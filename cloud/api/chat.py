@@ -110,7 +110,7 @@ def _check_chat_model(spec: str, gen: TextGenerator) -> None:
 async def _with_logprobs(pipeline: Pipeline, plan: Plan, body: ChatCompletionRequest,
                          model: str, note: dict[str, object]):
     asked_auto = body.pice.mode == "auto" and plan.route == "cloud"
-    ans = await logprobs.answer(pipeline, plan, asked_auto)
+    ans = await logprobs.answer(pipeline, plan, asked_auto, body.top_logprobs or 0)
     done, rid = ans.done, plan.req.request_id
     note.update(mode=done.mode, timings=done.timings)
     if body.stream:

@@ -2,9 +2,9 @@
 cloud model, or an edge model / adapter named as `model`), in one generation whose per-token
 log-probabilities the engine records. A progressive answer is written by several models and
 rewritten by the guard, so it has no single token sequence: with logprobs, `auto` answers in
-the cloud and an explicit `progressive` is refused. The engine keeps the chosen token's
-log-probability only, so `top_logprobs` above 0 is refused. The answer is generated first, then
-streamed (when `stream: true`) one token per chunk."""
+the cloud and an explicit `progressive` is refused. `top_logprobs: N` adds the N likeliest
+tokens of each step (the engine's sampler keeps them for the sequences that ask). The answer is
+generated first, then streamed (when `stream: true`) one token per chunk."""
 
 from __future__ import annotations
 
@@ -26,9 +26,6 @@ def check_request(logprobs: bool, top_logprobs: int | None, mode: str) -> str:
         raise BadRequestError("top_logprobs needs logprobs: true", field="top_logprobs")
     if not logprobs:
         return mode
-    if top_logprobs:
-        raise BadRequestError(f"top_logprobs must be 0, got {top_logprobs}: the engine records "
-                              "the chosen token's log-probability only", field="top_logprobs")
     if mode == "progressive":
         raise BadRequestError("logprobs need one model to write the whole answer; a progressive "
                               "answer is written by several: use pice.mode \"cloud\" or "
@@ -36,7 +33,15 @@ def check_request(logprobs: bool, top_logprobs: int | None, mode: str) -> str:
     return "cloud"
 
 
-def token_entries(gen: TextGenerator, out: Completion) -> list[dict[str, Any]]:
+def _top(chat: Any, pairs: list[tuple[int, float]]) -> list[dict[str, Any]]:
+    out = []
+    for tid, lp in pairs:
+        token = chat.decode([tid])
+        out.append({"token": token, "logprob": lp, "bytes": list(token.encode())})
+    return out
+
+
+def token_entries(gen: TextGenerator, out: Completion, top_n: int = 0) -> list[dict[str, Any]]:
     """OpenAI's `logprobs.content`: each token's text (a token that ends inside a multi-byte
     character gets "", the one that completes it the character), its bytes and log-probability.
     The end-of-sequence token and anything past a stop string are left out, so the tokens'
@@ -46,6 +51,10 @@ def token_entries(gen: TextGenerator, out: Completion) -> list[dict[str, Any]]:
             out.token_ids or not out.text):  # remote backends (openai, vLLM) report none
         raise BadRequestError(f"model {gen.name} does not report per-token log-probabilities",
                               field="logprobs")
+    tops: Any = out.extra.get("top_logprobs", [])
+    if top_n and len(tops) != len(out.token_ids):
+        raise BadRequestError(f"model {gen.name} does not report top_logprobs",
+                              field="top_logprobs")
     ids = list(out.token_ids)
     if ids and ids[-1] in getattr(chat, "eos_ids", ()):
         ids = ids[:-1]
@@ -59,7 +68,7 @@ def token_entries(gen: TextGenerator, out: Completion) -> list[dict[str, Any]]:
             break
         shown += token
         entries.append({"token": token, "logprob": lp, "bytes": list(token.encode()),
-                        "top_logprobs": []})
+                        "top_logprobs": _top(chat, tops[i]) if top_n else []})
     return entries
 
 
@@ -69,16 +78,17 @@ class Answer:
     content: list[dict[str, Any]]  # logprobs.content
 
 
-async def answer(pipeline: Pipeline, plan: Plan, asked_auto: bool) -> Answer:
-    """Run the plan (route "cloud" or "edge") as one generation that keeps token log-probs.
-    `asked_auto`: the request said `auto` and logprobs made it `cloud` (the reason says so)."""
+async def answer(pipeline: Pipeline, plan: Plan, asked_auto: bool, top_n: int = 0) -> Answer:
+    """Run the plan (route "cloud" or "edge") as one generation that keeps token log-probs
+    (and the `top_n` likeliest tokens of each step). `asked_auto`: the request said `auto` and
+    logprobs made it `cloud` (the reason says so)."""
     req, who = plan.req, plan.who
     edge = plan.route == "edge"
     assert plan.route in ("cloud", "edge"), plan.route
     gen = pipeline.edge_generator(who.edge_model) if edge and who.edge_model else pipeline.cloud
     adapter = who.adapter.engine_name if edge and who.adapter is not None else None
     params = SamplingParams(max_tokens=req.max_tokens, temperature=req.temperature,
-                            top_p=req.top_p, seed=req.seed, stop=req.stop)
+                            top_p=req.top_p, seed=req.seed, stop=req.stop, top_logprobs=top_n)
     prompt = gen.render_chat(req.messages)
     t0 = time.perf_counter()
     if not edge:
@@ -93,7 +103,7 @@ async def answer(pipeline: Pipeline, plan: Plan, asked_auto: bool) -> Answer:
             pipeline.scheduler.cloud.finish(req.priority, len(out.token_ids) if out else 0,
                                             seconds)
     assert out is not None
-    content = token_entries(gen, out)
+    content = token_entries(gen, out, top_n)
     n = len(content)
     stage = "edge" if edge else "cloud"
     timings = {stage: seconds, "total": seconds, "ttft": seconds}

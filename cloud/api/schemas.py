@@ -62,7 +62,7 @@ class ChatCompletionRequest(BaseModel):
     seed: int | None = None
     # per-token log-probabilities of the answer (then one model writes it: cloud/api/logprobs.py)
     logprobs: bool = False
-    top_logprobs: int | None = Field(None, ge=0, le=20)  # only 0: the engine keeps the chosen one
+    top_logprobs: int | None = Field(None, ge=0, le=20)  # the N likeliest tokens per step
     pice: PiceOptions = Field(default_factory=PiceOptions)
 
     _v_messages = field_validator("messages")(_check_messages)
@@ -95,7 +95,7 @@ class TopLogprob(BaseModel):
 
 
 class TokenLogprob(TopLogprob):
-    top_logprobs: list[TopLogprob] = Field(default_factory=list)  # always empty here
+    top_logprobs: list[TopLogprob] = Field(default_factory=list)  # the N likeliest, best first
 
 
 class ChoiceLogprobs(BaseModel):

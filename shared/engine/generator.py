@@ -161,9 +161,11 @@ class EngineGenerator(ChatBackedGenerator):
         if handle.error is not None:
             raise handle.error
         seq = handle.seq
+        extra: dict[str, object] = {"top_logprobs": list(seq.top_logprobs)} \
+            if seq.params.top_logprobs else {}
         return Completion(text=self._text(seq)[0], token_ids=seq.completion_ids,
                           logprobs=list(seq.logprobs), prompt_tokens=seq.num_prompt_tokens,
-                          finish_reason=seq.finish_reason or "stop")
+                          finish_reason=seq.finish_reason or "stop", extra=extra)
 
     def generate(self, prompts: list[str], params: SamplingParams,
                  adapters: Seq[str | None] | None = None) -> list[Completion]:

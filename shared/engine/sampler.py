@@ -79,6 +79,11 @@ def sample(logits: torch.Tensor, seqs: list[Sequence]) -> tuple[list[int], list[
             faulted.add(row)
     ids = chosen.tolist()
     lps = logprobs.gather(-1, chosen.unsqueeze(-1)).squeeze(-1).tolist()  # [batch]
+    for row, seq in enumerate(seqs):  # the rows that asked for top_logprobs
+        if seq.params.top_logprobs and row not in faulted:
+            top = logprobs[row].topk(seq.params.top_logprobs)  # [n] values and indices
+            seq.top_logprobs.append(list(zip(top.indices.tolist(), top.values.tolist(),
+                                             strict=True)))
     for row in faulted:
         ids[row], lps[row] = FAULT_TOKEN, math.nan
     return ids, lps

@@ -39,6 +39,8 @@ class Sequence:
         self.block_table: list[int] = []
         self.num_cached_tokens = 0  # leading tokens whose K/V are in the cache
         self.logprobs: list[float] = []  # one per completion token
+        # with params.top_logprobs = N: per completion token, the N likeliest (token, logprob)
+        self.top_logprobs: list[list[tuple[int, float]]] = []
         self.finish_reason: str | None = None
         self.generator: torch.Generator | None = None
         if params.seed is not None:

@@ -147,24 +147,40 @@ def test_logprobs_per_token(site: Site, model: str) -> None:
         assert "logprobs" in body["pice"]["reason"]
 
 
+@pytest.mark.parametrize("model", ["pice", "chat-edge"])
+def test_top_logprobs(site: Site, model: str) -> None:
+    """Greedy: the chosen token is the likeliest of its step, with the same log-probability."""
+    name = site.chat_edge if model == "chat-edge" else model
+    r = site.chat(model=name, logprobs=True, top_logprobs=3)
+    assert r.status_code == 200, r.text
+    content = r.json()["choices"][0]["logprobs"]["content"]
+    assert content
+    for t in content:
+        top = t["top_logprobs"]
+        assert len(top) == 3 and [x["logprob"] for x in top] == sorted(
+            (x["logprob"] for x in top), reverse=True)
+        assert top[0]["logprob"] == pytest.approx(t["logprob"], abs=1e-6)
+        assert sum(math.exp(x["logprob"]) for x in top) <= 1 + 1e-5
+
+
 def test_logprobs_through_the_openai_client_plain_and_streamed(site: Site) -> None:
     client = openai.OpenAI(base_url=f"{site.url}/v1", api_key=ALICE, max_retries=0)
     msgs: Any = [{"role": "user", "content": SKETCH_QUESTIONS[1]}]
     plain = client.chat.completions.create(model="pice", messages=msgs, max_tokens=10,
-                                           logprobs=True)
+                                           logprobs=True, top_logprobs=2)
     assert plain.choices[0].logprobs is not None
     tokens = plain.choices[0].logprobs.content or []
     streamed = []
     for chunk in client.chat.completions.create(model="pice", messages=msgs, max_tokens=10,
-                                                logprobs=True, stream=True):
+                                                logprobs=True, top_logprobs=2, stream=True):
         lp = chunk.choices[0].logprobs if chunk.choices else None
         streamed += lp.content or [] if lp is not None else []
     assert [(t.token, t.logprob) for t in streamed] == [(t.token, t.logprob) for t in tokens]
+    assert all(len(t.top_logprobs) == 2 for t in streamed)
     assert "".join(t.token for t in tokens) == plain.choices[0].message.content
 
 
 @pytest.mark.parametrize(("body", "param", "needle"), [
-    ({"logprobs": True, "top_logprobs": 3}, "top_logprobs", "chosen token"),
     ({"top_logprobs": 0}, "top_logprobs", "needs logprobs: true"),
     ({"logprobs": True, "pice": {"mode": "progressive"}}, "logprobs", "one model"),
     ({"logprobs": True, "top_logprobs": 21}, "top_logprobs", "less than or equal"),
