@@ -1,9 +1,10 @@
-"""`build_model`: config.json -> architecture class -> weights from *.safetensors.
+"""`build_model`: config.json -> architecture class -> weights from *.safetensors or a GGUF.
 
 The model is constructed on the meta device (no memory, no random init), materialized empty on
 the target device in the target dtype, then every parameter is filled from the checkpoint
-(safetensors only: no pickle is ever loaded). A checkpoint that leaves any parameter unfilled,
-or holds a tensor we would drop, is rejected rather than run with garbage."""
+(safetensors only, read tensor by tensor into the parameter it fills with plain reads: no
+pickle is ever loaded, no mapped copy of the file stays resident). A checkpoint that leaves any
+parameter unfilled, or holds a tensor we would drop, is rejected rather than run with garbage."""
 
 from __future__ import annotations
 
@@ -12,7 +13,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import safe_open
 
 from pice.shared.engine.models.base import CausalLM
 from pice.shared.engine.models.gemma3 import Gemma3ForCausalLM
@@ -25,6 +25,7 @@ from pice.shared.engine.models.quantized import (
     build_quantized,
     densify,
 )
+from pice.shared.engine.models.safetensors_file import SafetensorsFile
 from pice.shared.errors import ModelNotFoundError, UnsupportedModelError
 
 # config.architectures[0] -> class; MODEL_TYPES is the fallback for configs without it.
@@ -146,27 +147,22 @@ def load_safetensors(model: CausalLM, files: list[Path]) -> None:
     params = dict(model.named_parameters())
     expected, seen, unexpected = _expected_keys(model), set(), []
     for file in files:
-        with safe_open(str(file), framework="pt", device="cpu") as f:
-            for name in f.keys():  # noqa: SIM118 (safe_open is not a Mapping)
-                if name.endswith(_IGNORED_SUFFIXES) or (
-                        name == "lm_head.weight" and model.tie_word_embeddings):
-                    continue  # a tied head is the embedding; never load it twice
-                target = _fused_target(model, name) if name not in params else None
-                if target is not None:
-                    param, offset, rows, key = target
-                    dest = param.narrow(0, offset, rows)
-                elif name in params:
-                    dest, key = params[name], name
-                else:
-                    unexpected.append(name)
-                    continue
-                tensor = f.get_tensor(name)
-                if tensor.shape != dest.shape:
-                    raise UnsupportedModelError(
-                        f"weight {name} has shape {tuple(tensor.shape)}, "
-                        f"expected {tuple(dest.shape)}")
-                dest.copy_(tensor)
-                seen.add(key)
+        f = SafetensorsFile(file)  # plain reads into each parameter: no mapped copy resident
+        for name in f.names():
+            if name.endswith(_IGNORED_SUFFIXES) or (
+                    name == "lm_head.weight" and model.tie_word_embeddings):
+                continue  # a tied head is the embedding; never load it twice
+            target = _fused_target(model, name) if name not in params else None
+            if target is not None:
+                param, offset, rows, key = target
+                dest = param.narrow(0, offset, rows)
+            elif name in params:
+                dest, key = params[name], name
+            else:
+                unexpected.append(name)
+                continue
+            f.read_into(name, dest)  # shapes checked; a dtype or device change: one temporary
+            seen.add(key)
     if unexpected:
         raise UnsupportedModelError(f"unexpected weights in checkpoint: {unexpected[:5]}")
     missing = sorted(expected - seen)

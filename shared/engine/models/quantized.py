@@ -11,12 +11,12 @@ from pathlib import Path
 from typing import Protocol, cast
 
 import torch
-from safetensors import safe_open
 from torch import nn
 
 from pice.kernels.quant import Fmt, dequantize, quantize, row_bytes
 from pice.kernels.quant_linear import QuantEmbedding, QuantLinear, QuantWeight
 from pice.shared.engine.models.base import CausalLM
+from pice.shared.engine.models.safetensors_file import SafetensorsFile
 from pice.shared.errors import UnsupportedModelError
 
 
@@ -37,20 +37,19 @@ class WeightSource(DenseSource, Protocol):
 
 
 class SafetensorsSource:
-    """Float tensors of a safetensors checkpoint, read one at a time."""
+    """Float tensors of a safetensors checkpoint, read one at a time with plain reads."""
 
     def __init__(self, files: list[Path]) -> None:
-        self.where: dict[str, Path] = {}
+        self.where: dict[str, SafetensorsFile] = {}
         for file in files:
-            with safe_open(str(file), framework="pt", device="cpu") as f:
-                self.where.update((name, file) for name in f.keys())  # noqa: SIM118
+            f = SafetensorsFile(file)
+            self.where.update((name, f) for name in f.names())
 
     def has(self, name: str) -> bool:
         return name in self.where
 
     def dense(self, name: str) -> torch.Tensor:
-        with safe_open(str(self.where[name]), framework="pt", device="cpu") as f:
-            return f.get_tensor(name)
+        return self.where[name].read(name)
 
 
 class Requantized:
