@@ -67,6 +67,7 @@ class QualityConfig:
     eager_compare: bool = True  # also run (and judge) the non-eager phase
     concurrency: int = 4  # requests in flight
     pairwise_pairs: int = 0  # validation pairs also judged by the A/B prompt (baseline)
+    judge_no_eager: bool = False  # also judge the non-eager answers (else timed only)
 
 
 @dataclass
@@ -153,10 +154,9 @@ def _validation_items(questions: list[dict[str, Any]], cloud: dict[str, Any],
 
 
 def _judge_rows(gen: TextGenerator, questions: list[dict[str, Any]],
-                answers: dict[str, dict[str, Any]], cache: dict[str, Any],
-                progress: bool, save: Any) -> list[Row]:
+                answers: dict[str, dict[str, Any]], variants: list[str],
+                cache: dict[str, Any], progress: bool, save: Any) -> list[Row]:
     rows: list[Row] = []
-    variants = [v for v in VARIANTS if v in answers]
     for q in tqdm(questions, desc="judge", unit="question", disable=not progress):
         ref = answers["cloud"][q["id"]]
         pc: Profile = profile(gen, q["question"], ref["text"], cache)
@@ -206,18 +206,48 @@ def _agg(sel: list[Row]) -> dict[str, Any]:
     }
 
 
-def summarize(rows: list[Row]) -> dict[str, Any]:
+def timing(answers: dict[str, dict[str, Any]], questions: list[dict[str, Any]]
+           ) -> dict[str, Any]:
+    """Per phase, over every question (judged or not): latency and first text."""
+    out: dict[str, Any] = {}
+    for phase, got in answers.items():
+        recs = [got[q["id"]] for q in questions if q["id"] in got]
+        if not recs:
+            continue
+        first = [r["timings"].get("first_section", r["timings"]["ttft"]) for r in recs]
+        out[phase] = {"questions": len(recs),
+                      "latency_mean_s": statistics.fmean(r["client_latency_s"] for r in recs),
+                      "latency_median_s": statistics.median(r["client_latency_s"]
+                                                            for r in recs),
+                      "first_text_mean_s": statistics.fmean(first),
+                      "first_text_median_s": statistics.median(first),
+                      "first_token_mean_s": statistics.fmean(r["timings"]["ttft"]
+                                                             for r in recs),
+                      "ran_progressive": statistics.fmean(r["mode"] == "progressive"
+                                                          for r in recs),
+                      "ensemble_mean": statistics.fmean(r["ensemble"] for r in recs),
+                      "repaired_points": sum(r["repaired"] for r in recs)}
+    eager, lazy = out.get("progressive"), out.get("progressive-no-eager")
+    if eager and lazy:
+        out["eager_vs_not"] = {
+            "first_section_ratio": eager["first_text_mean_s"] / lazy["first_text_mean_s"],
+            "first_section_median_ratio": eager["first_text_median_s"]
+            / lazy["first_text_median_s"],
+            "latency_ratio": eager["latency_mean_s"] / lazy["latency_mean_s"]}
+    if eager and "cloud" in out:
+        out["progressive_vs_cloud"] = {
+            "latency_cut": 1 - eager["latency_mean_s"] / out["cloud"]["latency_mean_s"]}
+    return out
+
+
+def summarize(rows: list[Row], answers: dict[str, dict[str, Any]],
+              questions: list[dict[str, Any]]) -> dict[str, Any]:
     out: dict[str, Any] = {"overall": {v: _agg([r for r in rows if r.variant == v])
                                        for v in VARIANTS}}
     for cat in dict.fromkeys(r.category for r in rows):
         out[cat] = {v: _agg([r for r in rows if r.variant == v and r.category == cat])
                     for v in VARIANTS}
-    eager, lazy = out["overall"]["progressive"], out["overall"].get("progressive-no-eager", {})
-    if eager and lazy:
-        out["eager_vs_not"] = {
-            "first_section_ratio": eager["first_text_mean_s"] / lazy["first_text_mean_s"],
-            "latency_ratio": eager["latency_mean_s"] / lazy["latency_mean_s"],
-            "win_or_tie": [eager["win_or_tie"], lazy["win_or_tie"]]}
+    out["timing"] = timing(answers, questions)
     return out
 
 
@@ -228,7 +258,7 @@ def target(summary: dict[str, Any], trusted: bool) -> dict[str, Any]:
     s = summary["overall"]["progressive"]
     if not s:
         return {}
-    ratio = summary.get("eager_vs_not", {}).get("first_section_ratio")
+    ratio = summary["timing"].get("eager_vs_not", {}).get("first_section_ratio")
     return {"questions": s["questions"], "win_or_tie": s["win_or_tie"],
             "latency_cut": s["latency_cut"], "judge_passed": trusted,
             "first_section_vs_no_eager": ratio,
@@ -249,6 +279,8 @@ def run_quality(cfg: QualityConfig, progress: bool = True) -> dict[str, Any]:
         "machine": {"platform": platform.platform(), "torch": torch.__version__,
                     "threads": torch.get_num_threads()}}
     if not cfg.judge:
+        result["timing"] = timing(answers, questions)
+        (cfg.out_dir / "quality_answers.json").write_text(json.dumps(result, indent=1))
         return result
     gen = gen or load_generator(settings.cloud_model, settings, progress)
     judge_cache_file = cache / "bench-quality" / f"profiles-{Path(settings.cloud_model).name}.json"
@@ -274,8 +306,10 @@ def run_quality(cfg: QualityConfig, progress: bool = True) -> dict[str, Any]:
         result["judge_validation"] = {k: v for k, v in validation.items() if k != "rows"}
         if cfg.validate_only:
             return result
-        rows = _judge_rows(gen, questions, answers, jcache, progress, save)
-    summary = summarize(rows)
+        judged = [v for v in VARIANTS if v in answers
+                  and (v == "progressive" or cfg.judge_no_eager)]
+        rows = _judge_rows(gen, questions, answers, judged, jcache, progress, save)
+    summary = summarize(rows, answers, questions)
     result.update(judge_s=time.perf_counter() - t1, summary=summary,
                   target=target(summary, validation["trusted"] is not None),
                   definitions={

@@ -26,15 +26,14 @@ def plot(result: dict[str, Any], path: Path) -> None:
     axes[0].set_ylim(0, 1.12)
     axes[0].set_title("vs full cloud (judged in both orders)", fontsize=9)
     axes[0].legend(fontsize=8, loc="lower right")
-    labels = ["cloud", *names]
-    first = [next(iter(overall.values()))["cloud_first_token_mean_s"]] + [
-        overall[v]["first_text_mean_s"] for v in names]
-    lat = [next(iter(overall.values()))["cloud_latency_mean_s"]] + [
-        overall[v]["latency_mean_s"] for v in names]
-    axes[1].bar(labels, first, color=["grey", "C0", "C1"][:len(labels)])
+    timing = {p: t for p, t in result["summary"]["timing"].items() if "latency_mean_s" in t}
+    labels = list(timing)
+    colors = ["grey", "C0", "C1"][:len(labels)]
+    axes[1].bar(labels, [timing[p]["first_text_mean_s"] for p in labels], color=colors)
     axes[1].set_ylabel("s")
-    axes[1].set_title("first text: cloud first token, progressive first section", fontsize=9)
-    axes[2].bar(labels, lat, color=["grey", "C0", "C1"][:len(labels)])
+    axes[1].set_title("first text (mean): cloud first token, progressive first section",
+                      fontsize=9)
+    axes[2].bar(labels, [timing[p]["latency_mean_s"] for p in labels], color=colors)
     axes[2].set_ylabel("s")
     axes[2].set_title("end-to-end latency (client side, mean)", fontsize=9)
     for ax in axes:

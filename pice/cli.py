@@ -161,13 +161,14 @@ def cmd_bench_quality(args: argparse.Namespace) -> int:
     cfg.judge = not args.no_judge
     cfg.validate_only = args.validate_only
     cfg.eager_compare = not args.no_eager_compare
+    cfg.judge_no_eager = args.judge_no_eager
     result = run_quality(cfg)
     if cfg.validate_only or not cfg.judge:
-        print(json.dumps(result.get("judge_validation", {}), indent=2))
+        print(json.dumps(result.get("judge_validation", result.get("timing")), indent=2))
         return 0
     print(json.dumps({"judge_validation": result["judge_validation"]["judge"],
                       "target": result["target"], "overall": result["summary"]["overall"],
-                      "eager_vs_not": result["summary"].get("eager_vs_not")}, indent=2))
+                      "timing": result["summary"]["timing"]}, indent=2))
     return 0
 
 
@@ -389,6 +390,8 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--pairwise-pairs", type=int, help="validation pairs also judged by the "
                    "A/B prompt, for its position bias (default 0)")
     q.add_argument("--no-eager-compare", action="store_true", help="skip the non-eager phase")
+    q.add_argument("--judge-no-eager", action="store_true", help="also judge the non-eager "
+                   "answers (default: timed only)")
     q.add_argument("--out", type=Path, default=Path("bench-results"))
     q.set_defaults(fn=cmd_bench_quality)
 

@@ -26,7 +26,8 @@ def test_quality_bench_on_tiny_models(sketch_model_dir: Path, tiny_model_dir: Pa
     cfg = QualityConfig(cloud_model=str(sketch_model_dir),
                         edge_models=[str(tiny_model_dir), str(second)], limit=2, max_tokens=48,
                         max_points=3, out_dir=tmp_path / "out", cache_dir=tmp_path / "cache",
-                        adapter=adapter, questions=questions, concurrency=2)
+                        adapter=adapter, questions=questions, concurrency=2,
+                        judge_no_eager=True)
     result = run_quality(cfg, progress=False)
     assert (tmp_path / "out" / "quality.png").stat().st_size > 0
     saved = json.loads((tmp_path / "out" / "quality.json").read_text())
@@ -50,7 +51,9 @@ def test_quality_bench_on_tiny_models(sketch_model_dir: Path, tiny_model_dir: Pa
     overall = result["summary"]["overall"]["progressive"]
     assert overall["win"] + overall["tie"] + overall["loss"] == pytest.approx(1.0)
     assert overall["first_shown_wins"] == 0.5
-    assert result["summary"]["eager_vs_not"]["first_section_ratio"] > 0
+    timing = result["summary"]["timing"]
+    assert timing["eager_vs_not"]["first_section_ratio"] > 0
+    assert set(timing) >= {"cloud", "progressive", "progressive-no-eager"}
     # a rerun reuses every cached answer and judge profile: the same verdicts
     again = run_quality(cfg, progress=False)
     assert [(r["id"], r["variant"], r["preference"]) for r in again["rows"]] == [
