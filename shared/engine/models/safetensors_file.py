@@ -77,5 +77,5 @@ class SafetensorsFile:
                                         f"its shape and dtype need {view.nbytes}")
         with open(self.path, "rb") as f:
             f.seek(start)
-            if f.readinto(memoryview(view).cast("B")) != nbytes:
+            if f.readinto(view.data) != nbytes:  # a flat uint8 array: its buffer is the bytes
                 raise UnsupportedModelError(f"{self.path} is truncated at {name}")
