@@ -28,7 +28,7 @@ from tests.shared.engine.gguf_factory import write_gguf
 _SMALL: dict[str, Any] = dict(hidden_size=256, intermediate_size=512, num_attention_heads=4,
                               num_key_value_heads=2, head_dim=64, vocab_size=300,
                               max_position_embeddings=512, num_hidden_layers=2)
-GGUF_FORMATS = [Fmt.Q4_K, Fmt.Q5_K, Fmt.Q6_K, Fmt.Q8_0, Fmt.Q4_0, Fmt.Q5_0, Fmt.F16]
+GGUF_FORMATS = [Fmt.Q4_K, Fmt.Q5_K, Fmt.Q6_K, Fmt.Q8_0, Fmt.Q4_0, Fmt.Q5_0, Fmt.F16, Fmt.BF16]
 # (quantization, GGUF format or None): every way the engine can hold weights
 CASES = [("none", None), ("int8", None), ("int4", None),
          *(("gguf", f) for f in GGUF_FORMATS)]
