@@ -75,7 +75,8 @@ class SigmaTable:
         new = torch.zeros(cap, width, dtype=self.dtype, device=self.device)
         if self.cap[kind]:
             old_rank, dims = self.rank, 2 if kind == "full" else 1
-            for (layer, group), start in self._cols[kind].items():
+            for layer, group in self._cols[kind]:
+                start = cols[(layer, group)]  # its block in the new layout
                 shp = self._core_shape(kind, group, rank)
                 dst = new[:, start:start + int(torch.Size(shp).numel())].view(cap, *shp)
                 cut = (slice(0, self.cap[kind]), slice(None)) + (slice(0, old_rank),) * dims
