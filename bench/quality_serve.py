@@ -96,15 +96,22 @@ def generate(server: Server, questions: list[dict[str, Any]], phase: str, mode: 
     path.parent.mkdir(parents=True, exist_ok=True)
     bar = tqdm(total=len(todo), desc=f"answers: {phase}", unit="answer", disable=not progress)
 
+    errors: list[str] = []
+
     async def run() -> None:
         gate = asyncio.Semaphore(concurrency)
         async with httpx.AsyncClient(base_url=server.url, timeout=REQUEST_S) as client:
             async def one(q: dict[str, Any]) -> None:
                 async with gate:
-                    t0 = time.perf_counter()
-                    r = await client.post("/v1/progressive", json={
-                        "question": q["question"], "mode": mode, "max_tokens": max_tokens,
-                        "max_points": max_points, "stream": False})
+                    for attempt in range(2):  # a server error is retried once
+                        t0 = time.perf_counter()
+                        r = await client.post("/v1/progressive", json={
+                            "question": q["question"], "mode": mode,
+                            "max_tokens": max_tokens, "max_points": max_points,
+                            "stream": False})
+                        if r.status_code < 500 or attempt:
+                            break
+                        errors.append(f"{q['id']}: {r.status_code}")
                     r.raise_for_status()
                     done[q["id"]] = _record(r.json(), time.perf_counter() - t0)
                     path.write_text(json.dumps(done, indent=1))  # kept as each one lands
@@ -115,5 +122,6 @@ def generate(server: Server, questions: list[dict[str, Any]], phase: str, mode: 
     server.on_loop(run())
     bar.close()
     done.setdefault("_phase_wall_s", {})[str(len(todo))] = time.perf_counter() - t0
+    done.setdefault("_retried", []).extend(errors)
     path.write_text(json.dumps(done, indent=1))
     return done

@@ -144,6 +144,14 @@ async def run_progressive(p: Pipeline, plan: Plan, clock: Clock) -> AsyncIterato
         return
     reason = d.reason
     missing = [t for t in failed if t.index not in results]
+    # a point whose expansion never came back without a failure either (seen under load with
+    # eager dispatch) is never lost: the cloud expands it like a failed edge's
+    lost = [tasks[i] if i < len(tasks) else task(i) for i in range(len(points))
+            if i not in results and all(t.index != i for t in missing)]
+    if lost:
+        log.warning("request %s: points %s came back from no edge; the cloud expands them",
+                    req.request_id, [t.index for t in lost])
+        missing += lost
     if missing:
         p.metrics.fallbacks.labels("edge failure").inc()
         if p.cloud_worker is None:
