@@ -110,10 +110,13 @@ def defects(answer: str) -> dict[str, int]:
     titles = [t.split(":")[0].strip() for t in its]
     echo = 0
     for i, t in enumerate(its):
-        body = t.split(":", 1)[1].strip() if ":" in t else t
+        body = (t.split(":", 1)[1].strip() if ":" in t else t).split("\n\n")[0]
         others = titles[:i] + titles[i + 1:]
+        # a list inside the point, a point repeating itself, or one naming most other points
+        # (referring back to one or two of them is ordinary prose; a closing paragraph after
+        # the last item is not part of it)
         echo += bool(_INLINE.search(body) or _repeats(body)
-                     or sum(_mentions(body, o) >= 0 for o in others) >= 2)
+                     or sum(_mentions(body, o) >= 0 for o in others) >= 3)
     return {"cut_off": cut, "repeated": repeated, "echo": echo}
 
 
