@@ -55,9 +55,20 @@ def apply_cores_(t: torch.Tensor, cores: Cores) -> None:
     every position with a core (per sub-projection j), σ_p * t_p for JD-Diag ones."""
     if cores.full_pos.numel():
         r = min(cores.full.shape[-1], t.shape[1])
-        full = cores.full if cores.full_of is None else cores.full[cores.full_of]
         sel = t[cores.full_pos, :r]  # [k, r, n]
-        t[cores.full_pos, :r] = torch.einsum("knrs,ksn->krn", full[..., :r, :r], sel)
+        k, u = sel.shape[0], cores.full.shape[0]
+        if cores.full_of is not None and 4 * u <= k:
+            # prefill: few distinct cores for many tokens: every core on every token in one
+            # GEMM per sub-projection ([k, r] @ [r, u * r]), then each token's own block
+            out = torch.empty_like(sel)
+            own = (torch.arange(k, device=t.device), cores.full_of)
+            for j in range(sel.shape[2]):
+                w = cores.full[:, j, :r, :r].reshape(u * r, r)  # [u * r, r]
+                out[:, :, j] = (sel[:, :, j] @ w.T).view(k, u, r)[own]
+            t[cores.full_pos, :r] = out
+        else:
+            full = cores.full if cores.full_of is None else cores.full[cores.full_of]
+            t[cores.full_pos, :r] = torch.einsum("knrs,ksn->krn", full[..., :r, :r], sel)
     if cores.diag_pos.numel():
         r = min(cores.diag.shape[-1], t.shape[1])
         diag = cores.diag if cores.diag_of is None else cores.diag[cores.diag_of]

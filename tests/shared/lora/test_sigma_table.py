@@ -82,3 +82,18 @@ def test_one_gather_gives_every_layer_its_cores() -> None:
     assert c.full_of is not None and c.full.shape[0] == 2  # two distinct rows gathered
     apply_cores_(t, c)
     torch.testing.assert_close(t, want)
+
+
+def test_prefill_cores_many_tokens_few_rows() -> None:
+    """Long prefills (many tokens, few distinct cores) take the one-GEMM path: same result."""
+    g = torch.Generator().manual_seed(4)
+    full = torch.randn(3, 2, 4, 4, generator=g)  # 3 distinct cores, n = 2
+    of = torch.tensor([0] * 10 + [2] * 7 + [1] * 9)
+    pos = torch.arange(26) + 2
+    t = torch.randn(30, 5, 2, generator=g)  # R = 5 > r = 4: the extra rank row untouched
+    want = t.clone()
+    for p, row in zip(pos.tolist(), of.tolist(), strict=True):
+        for j in range(2):
+            want[p, :4, j] = full[row, j] @ t[p, :4, j]
+    apply_cores_(t, Cores(pos, full, pos[:0], torch.zeros(0), of, None))
+    torch.testing.assert_close(t, want)
