@@ -47,8 +47,8 @@ bool is_b32(int fmt) { return fmt == pq::Q4_0 || fmt == pq::Q5_0 || fmt == pq::Q
 // x: [M, K] -> int8 blocks (pq::quantize_acts), rows split across threads
 void quantize_rows(const float* x, int64_t M, int64_t K, int64_t block, int8_t* q, float* d,
                    int16_t* bsum) {
-  const int64_t nb = K / block;
-  at::parallel_for(0, M, 1, [&](int64_t lo, int64_t hi) {
+  const int64_t nb = K / block;  // a few rows are quantized in less time than a thread wakes
+  at::parallel_for(0, M, std::max<int64_t>(1, (1 << 16) / K), [&](int64_t lo, int64_t hi) {
     pq::quantize_acts(x + lo * K, (hi - lo) * nb, block, q + lo * K, d + lo * nb,
                       bsum == nullptr ? nullptr : bsum + lo * (K / 16));
   });

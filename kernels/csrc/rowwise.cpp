@@ -43,7 +43,10 @@ torch::Tensor attention(torch::Tensor q, torch::Tensor k, torch::Tensor v, torch
   const float* vp = v.data_ptr<float>(); float* op = out.data_ptr<float>();
   const int64_t group = H / KVH, row = KVH * D;  // floats per key position
   const float sc = (float)scale;
-  at::parallel_for(0, T * H, 1, [&](int64_t lo, int64_t hi) {
+  // threads only for enough work: a parallel region on a busy 2-core machine can wait a whole
+  // scheduler tick for its second thread, far longer than one decode row's attention takes
+  const int64_t grain = std::max<int64_t>(1, (1 << 20) / std::max<int64_t>(1, L * D));
+  at::parallel_for(0, T * H, grain, [&](int64_t lo, int64_t hi) {
     std::vector<float> w(L), acc(D);
     for (int64_t i = lo; i < hi; i++) {
       const int64_t t = i / H, h = i % H, b = sp[t], p = pp[t];
@@ -81,7 +84,8 @@ torch::Tensor gated_act(torch::Tensor gate_up, int64_t act) {
   const int64_t M = gate_up.size(0), I = gate_up.size(1) / 2;
   auto out = torch::empty({M, I}, torch::kFloat32);
   float* op = out.data_ptr<float>();
-  at::parallel_for(0, M, 1, [&](int64_t lo, int64_t hi) {
+  at::parallel_for(0, M, std::max<int64_t>(1, (1 << 16) / std::max<int64_t>(1, I)),
+                   [&](int64_t lo, int64_t hi) {
     for (int64_t m = lo; m < hi; m++) {  // new tensors only: no in-place op on the caller's
       auto g = gate_up[m].narrow(0, 0, I), u = gate_up[m].narrow(0, I, I);
       auto a = act == 0 ? at::silu(g) : at::gelu(g, act == 1 ? "none" : "tanh");
