@@ -49,7 +49,8 @@ def load_extension(name: str, wait_s: float = BUILD_WAIT_S, **kwargs: Any) -> An
                 stale.unlink(missing_ok=True)
             built = any(where.glob(f"{name}*.so"))
             if not built:  # a start a user can watch: a compile is a silent minute otherwise
-                log.info("compiling C++ kernel %s (first start only; about 20 s on 2 cores) ...", name)
+                log.info("compiling C++ kernel %s (first start only; about 20 s on 2 cores) ...",
+                         name)
             t0 = time.monotonic()
             ext = load(name=name, build_directory=str(where), **kwargs)
             if not built or time.monotonic() - t0 > 5:
