@@ -150,10 +150,11 @@ def run_compressed_bench(cfg: CompressedBenchConfig) -> dict[str, Any]:
                                                  "errors": sorted(
                 a.get("error_max", 0.0) for a in manifest["adapters"].values())}
             trace = make_trace(n, cfg.alpha, tcfg, vocab)
-            # the single-adapter baseline next to each n (a shared machine drifts)
+            # the single-adapter baseline next to each n (a shared machine drifts), on the same
+            # trace (arrivals, prompts, lengths) with every request on one adapter
             raw[f"single/n={n}"] = _worker(common | {
                 "kind": "uncompressed", "n": 1, "slots": 1, "micro_reps": 0,
-                "trace": make_trace(1, cfg.alpha, tcfg, vocab)}, root)
+                "trace": [r | {"adapter": 0} for r in trace]}, root)
             # a slot per cluster, and a few for adapters the budget left uncompressed
             k = max(1, manifest["totals"]["clusters"] + min(4, manifest["totals"]["uncompressed"]))
             c = _worker(common | {"kind": "compressed", "n": n, "slots": k,

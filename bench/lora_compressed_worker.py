@@ -6,7 +6,6 @@ vs 16 sequences of 16 distinct adapters of this system."""
 
 from __future__ import annotations
 
-import resource
 import statistics
 import time
 from pathlib import Path
@@ -27,7 +26,13 @@ def _rss_mb() -> float:
 def run_worker(spec: dict[str, Any]) -> dict[str, Any]:
     import torch
 
-    from pice.bench.lora_worker import _decode_step_ms, _engine, _warm_up, run_pice_trace
+    from pice.bench.lora_worker import (
+        _decode_step_ms,
+        _engine,
+        _peak_rss_mb,
+        _warm_up,
+        run_pice_trace,
+    )
     from pice.shared.lora.slots import slot_bytes
 
     torch.set_num_threads(spec["threads"]) if spec["threads"] else None
@@ -47,7 +52,7 @@ def run_worker(spec: dict[str, Any]) -> dict[str, Any]:
            "sigma_bytes": buffers.sigma.nbytes, "register_s": register_s,
            "slot_bytes": slot_bytes(engine.pool.shape, spec["max_rank"],
                                     engine.runner.dtype.itemsize),
-           "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+           "peak_rss_mb": _peak_rss_mb(),
            "catalog_rss_mb": catalog_mb}
     if spec.get("micro_reps") and spec["slots"] >= 2:
         # the single-adapter baseline: lora-0's own files as a plain adapter
