@@ -446,6 +446,8 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if not args.verbose:  # one INFO line per HTTP request (pice ask polls /ready) is noise
+        logging.getLogger("httpx").setLevel(logging.WARNING)
     try:
         return int(args.fn(args))
     except PiceError as exc:

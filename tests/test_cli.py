@@ -68,6 +68,7 @@ def test_ask_uses_the_running_server(server: LiveServer) -> None:
     assert out.stdout.startswith("Sketch:\n  1. Fixed sleep schedule\n"), out.stdout
     assert "Answer:\n" in out.stdout and "[progressive: requested;" in out.stdout
     assert "Loading" not in out.stderr  # no model was loaded in the client
+    assert "HTTP Request" not in out.stderr  # no log line per HTTP call
 
 
 def test_ask_with_no_server_says_how_to_start_one() -> None:
