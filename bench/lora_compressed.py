@@ -2,6 +2,10 @@
 per adapter) vs uncompressed at equal adapter memory, on the S-LoRA trace, each relative to a
 single adapter's throughput. Writes lora_compressed.json and lora_compressed.png.
 
+Two replays per system, S-LoRA's method: throughput and hit rate at saturation (`sat_requests`
+arriving at once: the engine's capacity, not the arrival rate), TTFT (hit vs miss) on an
+arrival-bound trace (`requests` at `rate`), replayed first so the pool starts cold.
+
 Adapters: n rank-`rank` LoRAs drawn from `subspaces` shared subspaces plus noise (the population
 Compress then Serve reports for real LoRA collections; each adapter has its own seed). The
 compressor picks rank and cluster count itself under the error budget. Memory: the compressed
@@ -30,8 +34,9 @@ class CompressedBenchConfig:
     tiny: bool = False
     ns: list[int] = field(default_factory=lambda: [10, 100, 1000, 4000])
     alpha: float = 1.0  # adapter popularity (S-LoRA power law; 1 = uniform)
-    requests: int = 32
-    rate: float = 20.0  # above what the engine sustains: throughput-bound
+    requests: int = 32  # the latency trace (TTFT hit vs miss), arrival-bound
+    rate: float = 20.0
+    sat_requests: int = 192  # the throughput trace: all arrive at t = 0
     cv: float = 1.0
     input_len: tuple[int, int] = (8, 64)
     output_len: tuple[int, int] = (8, 32)
@@ -51,7 +56,7 @@ class CompressedBenchConfig:
     max_num_seqs: int = 16
     kv_cache_gb: float = 0.25
     slo_ttft_s: float = 6.0
-    micro_reps: int = 3  # decode-step microbenchmark repetitions (0: none)
+    micro_reps: int = 7  # decode-step microbenchmark repetitions (0: none)
     seed: int = 0
     threads: int = 0
     out_dir: Path = Path("bench-results")
@@ -60,6 +65,7 @@ class CompressedBenchConfig:
     def __post_init__(self) -> None:
         if self.tiny:
             self.requests, self.kv_cache_gb = min(self.requests, 24), 0.05
+            self.sat_requests = min(self.sat_requests, 32)
 
 
 SMALL = "small"  # --model small: a random Qwen2 with real-sized projections, few layers
@@ -80,10 +86,12 @@ def _small_model(root: Path) -> Path:
     return root / "small"
 
 
-def _trace_cfg(cfg: CompressedBenchConfig) -> LoraBenchConfig:
-    return LoraBenchConfig(ns=[1], alphas=[cfg.alpha], requests=cfg.requests, rate=cfg.rate,
+def _trace_cfg(cfg: CompressedBenchConfig, saturated: bool = False) -> LoraBenchConfig:
+    requests, rate = (cfg.sat_requests, 1e9) if saturated else (cfg.requests, cfg.rate)
+    return LoraBenchConfig(ns=[1], alphas=[cfg.alpha], requests=requests, rate=rate,
                            cv=cfg.cv, input_len=cfg.input_len, output_len=cfg.output_len,
-                           baseline_n=1, baseline_alpha=cfg.alpha, seed=cfg.seed)
+                           baseline_n=1, baseline_alpha=cfg.alpha,
+                           seed=cfg.seed + (7919 if saturated else 0))
 
 
 def _root(cfg: CompressedBenchConfig, tmp: Path) -> Path:
@@ -135,7 +143,7 @@ def run_compressed_bench(cfg: CompressedBenchConfig) -> dict[str, Any]:
         common = {"model": str(model), "adapter_dir": str(ads), "max_rank": max_rank,
                   "max_num_seqs": cfg.max_num_seqs, "kv_cache_gb": cfg.kv_cache_gb,
                   "threads": cfg.threads, "micro_reps": cfg.micro_reps}
-        tcfg = _trace_cfg(cfg)
+        tcfg, scfg = _trace_cfg(cfg), _trace_cfg(cfg, saturated=True)
         raw: dict[str, Any] = {}
         comp: dict[str, Any] = {}
         for n in tqdm(cfg.ns, desc="bench lora --compressed", unit="n"):
@@ -150,19 +158,21 @@ def run_compressed_bench(cfg: CompressedBenchConfig) -> dict[str, Any]:
                                                  "errors": sorted(
                 a.get("error_max", 0.0) for a in manifest["adapters"].values())}
             trace = make_trace(n, cfg.alpha, tcfg, vocab)
+            sat = make_trace(n, cfg.alpha, scfg, vocab)
             # the single-adapter baseline next to each n (a shared machine drifts), on the same
-            # trace (arrivals, prompts, lengths) with every request on one adapter
+            # traces (arrivals, prompts, lengths) with every request on one adapter
             raw[f"single/n={n}"] = _worker(common | {
                 "kind": "uncompressed", "n": 1, "slots": 1, "micro_reps": 0,
-                "trace": [r | {"adapter": 0} for r in trace]}, root)
+                "trace": [r | {"adapter": 0} for r in trace],
+                "sat_trace": [r | {"adapter": 0} for r in sat]}, root)
             # a slot per cluster, and a few for adapters the budget left uncompressed
             k = max(1, manifest["totals"]["clusters"] + min(4, manifest["totals"]["uncompressed"]))
             c = _worker(common | {"kind": "compressed", "n": n, "slots": k,
-                                  "store": str(store), "trace": trace}, root)
+                                  "store": str(store), "trace": trace, "sat_trace": sat}, root)
             # the uncompressed engine: as many slots as the compressed one's adapter bytes buy
             slots = max(1, round(c["lora_bytes"] / c["slot_bytes"]))
             u = _worker(common | {"kind": "uncompressed", "n": n, "slots": slots,
-                                  "trace": trace}, root)
+                                  "trace": trace, "sat_trace": sat}, root)
             raw[f"compressed/n={n}"], raw[f"uncompressed/n={n}"] = c, u
             (cfg.out_dir / "lora_compressed-raw.json").write_text(json.dumps(raw))
     result = report(cfg, raw, comp)

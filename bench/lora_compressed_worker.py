@@ -1,8 +1,9 @@
 """One system of `pice bench lora --compressed` in its own process (peak RSS its own), started by
 `python -m pice.bench.lora_worker <spec>`: the engine with n adapters (compressed through a
-store, or plain), the S-LoRA trace replayed in real time, then a decode-step microbenchmark in
-the same process, interleaved: 16 sequences of one plain adapter (the single-adapter baseline)
-vs 16 sequences of 16 distinct adapters of this system."""
+store, or plain), the arrival-bound trace replayed in real time (the pool cold: TTFT of hits and
+misses), then the saturation trace (throughput), then a decode-step microbenchmark in the same
+process, interleaved: 16 sequences of one plain adapter (the single-adapter baseline) vs 16
+sequences of 16 distinct adapters of this system."""
 
 from __future__ import annotations
 
@@ -46,8 +47,10 @@ def run_worker(spec: dict[str, Any]) -> dict[str, Any]:
     register_s, catalog_mb = time.perf_counter() - t0, _rss_mb() - rss0
     _warm_up(engine)
     records = run_pice_trace(engine, spec["trace"], n, spec)
+    sat = run_pice_trace(engine, spec["sat_trace"], n, spec) if spec.get("sat_trace") else None
     buffers = engine.pool.buffers
-    out = {"records": records, "pool": dict(engine.pool.stats), "slots": spec["slots"],
+    out = {"records": records, "sat_records": sat, "pool": dict(engine.pool.stats),
+           "slots": spec["slots"],
            "lora_bytes": buffers.nbytes + buffers.sigma.nbytes,
            "sigma_bytes": buffers.sigma.nbytes, "register_s": register_s,
            "slot_bytes": slot_bytes(engine.pool.shape, spec["max_rank"],
@@ -61,9 +64,9 @@ def run_worker(spec: dict[str, Any]) -> dict[str, Any]:
         fits = spec["kind"] == "compressed" or len(distinct) <= spec["slots"] - 1
         single, mixed = [], []
         for _ in range(spec["micro_reps"]):
-            single.append(_decode_step_ms(engine, ["single"] * len(distinct), 8))
+            single.append(_decode_step_ms(engine, ["single"] * len(distinct), 16))
             if fits:
-                mixed.append(_decode_step_ms(engine, distinct, 8))
+                mixed.append(_decode_step_ms(engine, distinct, 16))
         out["decode_step_ms"] = {"single": statistics.median(single),
                                  "distinct": statistics.median(mixed) if mixed else None,
                                  "batch": len(distinct)}

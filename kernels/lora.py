@@ -16,7 +16,13 @@ Compressed adapters (Compress then Serve, pice.shared.lora.compress): a cluster'
 sits in one slot like an adapter (A = Vᵀ, B = U) and each token of a compressed adapter carries
 its core: between the shrink (x V, once per cluster) and the expand (· Uᵀ, once per cluster) the
 token's rank vector is multiplied by its Σ (batched r x r) or scaled by its σ (JD-Diag). Tokens
-of uncompressed adapters and base-only tokens ride in the same batch untouched by the cores."""
+of uncompressed adapters and base-only tokens ride in the same batch untouched by the cores.
+
+Decode takes the cores per grid cell (`CellCores`): every cell of the step's [span, per_slot]
+grid has an r x r core (a JD-Diag σ as its diagonal, the identity for a cell of an uncompressed
+adapter, anything for an empty cell), so one batched matmul per (layer, group) applies them all,
+with no gather or scatter of rank vectors. Prefill takes `Cores` (positions and their cores: a
+prefill has many tokens per core)."""
 
 from __future__ import annotations
 
@@ -48,6 +54,27 @@ class Cores:
     diag: torch.Tensor  # [u', n, r]
     full_of: torch.Tensor | None = None  # [k] int64: position -> row of `full` (else 1:1)
     diag_of: torch.Tensor | None = None  # [k'] int64
+
+
+@dataclass(frozen=True)
+class CellCores:
+    """Decode: one core per cell of the [span, per_slot] grid, per sub-projection."""
+
+    core: torch.Tensor  # [P, n, r, r], P = span * per_slot (a view of the step's gathered table)
+
+
+def apply_cell_cores(tp: torch.Tensor, cores: CellCores) -> torch.Tensor:
+    """tp: [n, span, m, R] the grid's rank vectors per sub-projection; returns them with each
+    cell's core applied to its first r ranks (those beyond r, only ever non-zero for cells of
+    uncompressed adapters of a larger rank, pass through)."""
+    n, span, m, r_max = tp.shape
+    r = min(cores.core.shape[-1], r_max)
+    core = cores.core[..., :r, :r].transpose(0, 1).reshape(n * span * m, r, r)  # [n * P, r, r]
+    if r == r_max:
+        return torch.bmm(core, tp.reshape(n * span * m, r, 1)).view(n, span, m, r)
+    out = tp.clone()
+    out[..., :r] = torch.bmm(core, tp[..., :r].reshape(n * span * m, r, 1)).view(n, span, m, r)
+    return out
 
 
 def apply_cores_(t: torch.Tensor, cores: Cores) -> None:
@@ -140,24 +167,27 @@ class DecodeLayout:
 
 
 def bgmv_(y: torch.Tensor, x: torch.Tensor, a: torch.Tensor, bs: Sequence[torch.Tensor],
-          layout: DecodeLayout, cores: Cores | None = None) -> None:
+          layout: DecodeLayout, cores: Cores | CellCores | None = None) -> None:
     """Batched gather matmul (decode): every token at its slot, in one batched matmul per
     matrix over the slot range, reading each resident adapter once (no per-token copies of
     the weights) at the padded rank R.
 
     y: [T, sum(out_j)] updated in place; x: [T, in]; a: [S, R, n, in]; bs[j]: [S, out_j, R];
-    cores: positions are cells (slot - lo) * per_slot + position of the [span, per_slot] grid."""
+    cores: per cell (CellCores), or at positions (Cores) that are cells (slot - lo) * per_slot +
+    position of the [span, per_slot] grid."""
     lo, span, m = layout.lo, layout.span, layout.per_slot
     r_max, n, fan_in = a.shape[1], a.shape[2], a.shape[3]
     xs = x.new_zeros(span, m, fan_in)  # [span, m, in] the tokens, grouped by slot
     xs[layout.rel, layout.pos] = x[layout.rows]
     a_v = a[lo:lo + span].view(span, r_max * n, fan_in)  # [span, R * n, in], a view
     t = torch.bmm(xs, a_v.transpose(1, 2)).view(span, m, r_max, n)  # [span, m, R, n]
-    if cores is not None:
+    if isinstance(cores, Cores):
         apply_cores_(t.view(span * m, r_max, n), cores)
     # [n, span, m, R]: each sub-projection's rank vectors contiguous (a strided bmm operand
     # costs about twice as much on the CPU)
     tp = t.permute(3, 0, 1, 2).contiguous() if n > 1 else t.squeeze(3)[None]
+    if isinstance(cores, CellCores):
+        tp = apply_cell_cores(tp, cores)
     col = 0
     for j, b in enumerate(bs):
         out = b.shape[1]

@@ -28,6 +28,7 @@ class LoraBatch:
     segments: list[Segment] = field(default_factory=list)  # (prefill)
     groups: frozenset[str] = frozenset()  # projection groups any adapter of the step targets
     cores: list[dict[str, Cores]] | None = None  # [layer][group]: compressed adapters' cores
+    cells: torch.Tensor | None = None  # decode: [P, F] every grid cell's cores (SigmaTable)
 
 
 class LoraState:
@@ -53,6 +54,7 @@ class LoraState:
             return batch
         full: list[tuple[int, int]] = []
         diag: list[tuple[int, int]] = []
+        plain: list[int] = []  # decode: cells of uncompressed adapters (an identity core)
         grid = batch.decode
         # seen[slot]: decode tokens of that slot so far (the order DecodeLayout numbers them)
         start, seen = 0, dict[int, int]()
@@ -64,15 +66,21 @@ class LoraState:
             pos = seen.get(slot, 0)
             seen[slot] = pos + 1
             got = table.rows.get(seq.adapter) if seq.adapter is not None else None
-            if got is None:
-                continue
-            kind, row = got
             if grid is not None:  # decode: the cell of the sequence's token in the grid
-                positions = [(slot - grid.lo) * grid.per_slot + pos]
-            else:
-                positions = list(range(start - q, start))
-            (full if kind == "full" else diag).extend((p, row) for p in positions)
-        if full or diag:
+                cell = (slot - grid.lo) * grid.per_slot + pos
+                if got is None:
+                    plain.append(cell)
+                else:
+                    (full if got[0] == "full" else diag).append((cell, got[1]))
+            elif got is not None:
+                kind, row = got
+                (full if kind == "full" else diag).extend(
+                    (p, row) for p in range(start - q, start))
+        if not (full or diag):
+            return batch
+        if grid is not None:
+            batch.cells = table.gather_cells(grid.span * grid.per_slot, full, diag, plain)
+        else:
             batch.cores = table.gather(full, diag)
         return batch
 
@@ -90,10 +98,12 @@ class LayerLora:
         if batch is None or buffers is None or group not in batch.groups:
             return
         a, bs = buffers.group(self.layer, group)
-        cores = batch.cores[self.layer].get(group) if batch.cores is not None else None
-        if batch.decode is not None:
-            bgmv_(y, x, a, bs, batch.decode, cores)
-        else:
+        if batch.decode is not None:  # decode: a core per grid cell
+            cells = None if batch.cells is None else \
+                buffers.sigma.cell_cores(self.layer, group, batch.cells)
+            bgmv_(y, x, a, bs, batch.decode, cells)
+        else:  # prefill: cores at the rows of compressed adapters
+            cores = batch.cores[self.layer].get(group) if batch.cores is not None else None
             sgmv_(y, x, a, bs, batch.segments, cores)
 
 

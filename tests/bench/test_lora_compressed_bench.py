@@ -11,8 +11,8 @@ from pice.bench.lora_compressed_report import table
 
 
 def test_tiny_compressed_bench(tmp_path: Path) -> None:
-    cfg = CompressedBenchConfig(tiny=True, ns=[12], requests=6, subspaces=2, ranks=[16],
-                                clusters=[2], out_dir=tmp_path)
+    cfg = CompressedBenchConfig(tiny=True, ns=[12], requests=6, sat_requests=10, subspaces=2,
+                                ranks=[16], clusters=[2], out_dir=tmp_path)
     result = run_compressed_bench(cfg)
     saved = json.loads((tmp_path / "lora_compressed.json").read_text())
     assert (tmp_path / "lora_compressed.png").stat().st_size > 0
@@ -20,10 +20,11 @@ def test_tiny_compressed_bench(tmp_path: Path) -> None:
     rows = {r["system"]: r for r in result["rows"]}
     assert set(rows) == {"compressed", "uncompressed"}
     assert rows["compressed"]["slots"] == 2  # one slot per cluster basis
-    for r in rows.values():  # the same trace, every token served
+    for r in rows.values():  # the same traces, every token served
         assert r["requests"] == 6 and r["tokens"] == rows["compressed"]["tokens"]
+        assert r["sat_requests"] == 10  # throughput from the saturation replay
         pool = r["pool"]
-        assert pool["hits"] + pool["misses"] == 6
+        assert pool["hits"] + pool["misses"] == 6 + 10
     raw = json.loads((tmp_path / "lora_compressed-raw.json").read_text())
     assert set(raw) == {"single/n=12", "compressed/n=12", "uncompressed/n=12"}
     # the decode-step microbenchmark: the single adapter vs 12 distinct compressed ones

@@ -65,7 +65,7 @@ def test_reference_is_not_trivial() -> None:
 def test_compressed_tokens_mixed_with_plain_and_base() -> None:
     """Slot 1 holds a cluster basis (A = Vᵀ, B = U at rank 5 = RANKS[1] widened): its tokens
     carry their own Σ (full) or σ (diag); the other slots' tokens and base rows are unchanged."""
-    from pice.kernels.lora import Cores, compressed_reference
+    from pice.kernels.lora import CellCores, Cores, compressed_reference
 
     a, bs = slot_buffers(2)
     r = 5
@@ -99,6 +99,18 @@ def test_compressed_tokens_mixed_with_plain_and_base() -> None:
                                        for t in toks])
     y = y0.clone()
     bgmv_(y, x, a, bs, layout, Cores(cells(full_tok), sig_full, cells(diag_tok), sig_diag))
+    torch.testing.assert_close(y, want)
+
+    # decode with a core per cell: Σ, σ on the diagonal, the identity for plain adapters'
+    # cells (slot 0's rank 8 > r = 5: its ranks beyond 5 pass through), garbage in empty ones
+    grid = torch.randn(layout.span * m, len(OUTS), r, r, generator=gen)  # [P, n, r, r]
+    grid[cells(full_tok)] = sig_full
+    grid[cells(diag_tok)] = torch.diag_embed(sig_diag)
+    for row, s in enumerate(index):
+        if s in (0, 2):
+            grid[(s - layout.lo) * m + index[:row].count(s)] = torch.eye(r)
+    y = y0.clone()
+    bgmv_(y, x, a, bs, layout, CellCores(grid))
     torch.testing.assert_close(y, want)
 
     # prefill: batch ordered by slot, one segment per slot; core positions are batch rows

@@ -7,13 +7,17 @@ Storage is one flat tensor per kind so a step gathers its rows ONCE for every la
 and each (layer, group) is a view of its column block: [rows, n, r, r] or [rows, n, r]. r is the
 largest compressed rank so far; rows of projections an adapter does not target stay zero. Grows
 by doubling (a copy, rare: when adapters are compressed); a removed adapter's row is zeroed at
-once and reused."""
+once and reused.
+
+Decode gathers per cell of the step's grid instead (`gather_cells`): one [P, F] tensor in the
+"full" layout, each cell's Σ (a σ placed on the diagonal, the identity for a cell of an
+uncompressed adapter), so each (layer, group) is a [P, n, r, r] view and one batched matmul."""
 
 from __future__ import annotations
 
 import torch
 
-from pice.kernels.lora import Cores
+from pice.kernels.lora import CellCores, Cores
 from pice.shared.lora.adapter import ModelShape
 
 # the engine's fused projection groups (as pice.shared.lora.slots.GROUPS), in column order
@@ -36,6 +40,11 @@ class SigmaTable:
                                               for k in _KINDS}
         # (layer, group) -> first column of its block (the same layout for both kinds' widths)
         self._cols: dict[str, dict[tuple[int, str], int]] = {k: {} for k in _KINDS}
+        # the per-cell layout (decode): "full" at the current rank and groups; where each diag
+        # column lands in it, and the identity row
+        self._cell_cols: dict[tuple[int, str], int] = {}
+        self._diag_at = torch.zeros(0, dtype=torch.long, device=device)
+        self._eye = torch.zeros(0, dtype=dtype, device=device)
 
     @property
     def nbytes(self) -> int:
@@ -96,6 +105,7 @@ class SigmaTable:
                 if self.cap[k]:
                     self._alloc(k, self.cap[k], new_rank, groups)
             self.rank, self.groups = new_rank, groups
+            self._cell_layout()
         if not self.free[kind]:
             cap = self.cap[kind]
             self._alloc(kind, max(16, 2 * cap), self.rank, self.groups)
@@ -115,6 +125,47 @@ class SigmaTable:
             kind, row = got
             self.flat[kind][row].zero_()
             self.free[kind].append(row)
+
+    def _cell_layout(self) -> None:
+        cols, width = self._layout("full", self.rank, self.groups)
+        r, diag_at, eye = self.rank, [], torch.zeros(width, dtype=self.dtype)
+        for (_, group), start in cols.items():  # the order _layout gives both kinds
+            for j in range(len(_GROUPS[group])):
+                for i in range(r):
+                    at = start + (j * r + i) * r + i  # [n, r, r][j, i, i]
+                    diag_at.append(at)
+                    eye[at] = 1.0
+        self._cell_cols = cols
+        self._diag_at = torch.tensor(diag_at, dtype=torch.long, device=self.device)
+        self._eye = eye.to(self.device)
+
+    def gather_cells(self, cells: int, full: list[tuple[int, int]],
+                     diag: list[tuple[int, int]], plain: list[int]) -> torch.Tensor:
+        """Decode: [cells, F], each cell's cores in the "full" layout: `full`/`diag` are (cell,
+        row) pairs, `plain` the cells of uncompressed adapters (identity); other cells zero."""
+        out = torch.zeros(cells, self._eye.shape[0], dtype=self.dtype, device=self.device)
+
+        def idx(values: list[int]) -> torch.Tensor:
+            return torch.tensor(values, dtype=torch.long, device=self.device)
+
+        if full:
+            out[idx([c for c, _ in full])] = self.flat["full"][idx([r for _, r in full])]
+        if diag:
+            cells_d = idx([c for c, _ in diag])
+            out[cells_d[:, None], self._diag_at[None, :]] = \
+                self.flat["diag"][idx([r for _, r in diag])]
+        if plain:
+            out[idx(plain)] = self._eye
+        return out
+
+    def cell_cores(self, layer: int, group: str, cells: torch.Tensor) -> CellCores | None:
+        """The (layer, group) block of `gather_cells`' result: [P, n, r, r]; None if no
+        compressed adapter targets the group."""
+        start = self._cell_cols.get((layer, group))
+        if start is None:
+            return None
+        n, r = len(_GROUPS[group]), self.rank
+        return CellCores(cells[:, start:start + n * r * r].view(cells.shape[0], n, r, r))
 
     def gather(self, full: list[tuple[int, int]], diag: list[tuple[int, int]]
                ) -> list[dict[str, Cores]]:

@@ -84,6 +84,35 @@ def test_one_gather_gives_every_layer_its_cores() -> None:
     torch.testing.assert_close(t, want)
 
 
+def test_cell_gather_gives_each_cell_its_core() -> None:
+    """Decode: every grid cell gets an r x r core per sub-projection: a full Σ, a diag σ on
+    the diagonal, the identity for a plain adapter's cell, zero for an empty one."""
+    table = SigmaTable(SHAPE, torch.float32, torch.device("cpu"))
+    a, d = _cores(1, 3, ("q_proj", "v_proj", "o_proj")), _cores(3, 2, ("k_proj",), diag=True)
+    table.add("a", "full", 3, a)
+    table.add("d", "diag", 2, d)
+    (_, ra), (_, rd) = table.rows["a"], table.rows["d"]
+    cells = table.gather_cells(5, [(0, ra), (3, ra)], [(1, rd)], [4])
+    eye = torch.eye(3)
+    for layer in range(3):
+        qkv = table.cell_cores(layer, "qkv", cells)
+        o = table.cell_cores(layer, "o", cells)
+        assert qkv is not None and o is not None and table.cell_cores(layer, "down", cells) is None
+        for cell in (0, 3):
+            torch.testing.assert_close(qkv.core[cell, 0], a[(layer, "q_proj")])
+            assert qkv.core[cell, 1].abs().sum() == 0  # "a" does not target k_proj
+            torch.testing.assert_close(qkv.core[cell, 2], a[(layer, "v_proj")])
+            torch.testing.assert_close(o.core[cell, 0], a[(layer, "o_proj")])
+        want_k = torch.zeros(3, 3)
+        want_k[:2, :2] = torch.diag(d[(layer, "k_proj")])
+        torch.testing.assert_close(qkv.core[1, 1], want_k)
+        assert qkv.core[1, 0].abs().sum() == 0 and o.core[1].abs().sum() == 0
+        assert qkv.core[2].abs().sum() == 0 and o.core[2].abs().sum() == 0  # an empty cell
+        for j in range(3):
+            torch.testing.assert_close(qkv.core[4, j], eye)
+        torch.testing.assert_close(o.core[4, 0], eye)
+
+
 def test_prefill_cores_many_tokens_few_rows() -> None:
     """Long prefills (many tokens, few distinct cores) take the one-GEMM path: same result."""
     g = torch.Generator().manual_seed(4)
