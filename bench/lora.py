@@ -255,7 +255,8 @@ def _plot(r: dict[str, Any], path: Path) -> None:
 def add_lora_parser(bsub: Any) -> None:
     """`pice bench lora` (registered by pice.cli)."""
     p = bsub.add_parser("lora", help="multi-LoRA serving on the S-LoRA trace vs peft baselines")
-    p.add_argument("--model", default=DEFAULT_EDGE_MODEL)
+    p.add_argument("--model", help=f"model spec or directory (default {DEFAULT_EDGE_MODEL}; "
+                   "with --compressed: small, a random Qwen2 of real-sized projections)")
     p.add_argument("--tiny", action="store_true",
                    help="CI-sized: tiny random model, a handful of requests")
     p.add_argument("--requests", type=int, help="requests per (n, alpha) trace (default 16)")
@@ -270,6 +271,11 @@ def add_lora_parser(bsub: Any) -> None:
                         "memory, n in --ns (default 10,100,1000,4000)")
     p.add_argument("--method", choices=["full", "diag"], default="full",
                    help="with --compressed: JD-Full or JD-Diag")
+    p.add_argument("--sat-requests", type=int,
+                   help="with --compressed: requests of the saturation trace (default 192)")
+    p.add_argument("--rank", type=int, help="with --compressed: adapters' rank (default 16)")
+    p.add_argument("--targets", help="with --compressed: adapters' target projections, "
+                   "comma-separated (default q_proj,k_proj,v_proj,o_proj)")
     p.add_argument("--quality", metavar="N:STEPS", help="with --compressed: train N real "
                    "LoRAs (STEPS each) on --model and compare compressed vs original instead")
     p.set_defaults(fn=_cmd)
@@ -280,8 +286,9 @@ def _cmd(args: Any) -> int:
         from pice.bench.lora_compressed import cmd
 
         return cmd(args)
-    kw: dict[str, Any] = {"model": args.model, "tiny": args.tiny, "threads": args.threads,
-                          "cache_dir": args.cache_dir, "out_dir": args.out}
+    kw: dict[str, Any] = {"model": args.model or DEFAULT_EDGE_MODEL, "tiny": args.tiny,
+                          "threads": args.threads, "cache_dir": args.cache_dir,
+                          "out_dir": args.out}
     if args.requests:
         kw["requests"] = args.requests
     if args.rate:

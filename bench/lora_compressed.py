@@ -37,6 +37,7 @@ class CompressedBenchConfig:
     requests: int = 32  # the latency trace (TTFT hit vs miss), arrival-bound
     rate: float = 20.0
     sat_requests: int = 192  # the throughput trace: all arrive at t = 0
+    sat_reps: int = 3  # saturated replays per system, each paired with a single-adapter one
     cv: float = 1.0
     input_len: tuple[int, int] = (8, 64)
     output_len: tuple[int, int] = (8, 32)
@@ -65,7 +66,7 @@ class CompressedBenchConfig:
     def __post_init__(self) -> None:
         if self.tiny:
             self.requests, self.kv_cache_gb = min(self.requests, 24), 0.05
-            self.sat_requests = min(self.sat_requests, 32)
+            self.sat_requests, self.sat_reps = min(self.sat_requests, 32), 1
 
 
 SMALL = "small"  # --model small: a random Qwen2 with real-sized projections, few layers
@@ -142,7 +143,8 @@ def run_compressed_bench(cfg: CompressedBenchConfig) -> dict[str, Any]:
         max_rank = max(*cfg.ranks, cfg.rank)
         common = {"model": str(model), "adapter_dir": str(ads), "max_rank": max_rank,
                   "max_num_seqs": cfg.max_num_seqs, "kv_cache_gb": cfg.kv_cache_gb,
-                  "threads": cfg.threads, "micro_reps": cfg.micro_reps}
+                  "threads": cfg.threads, "micro_reps": cfg.micro_reps,
+                  "sat_reps": cfg.sat_reps}
         tcfg, scfg = _trace_cfg(cfg), _trace_cfg(cfg, saturated=True)
         raw: dict[str, Any] = {}
         comp: dict[str, Any] = {}
@@ -159,12 +161,12 @@ def run_compressed_bench(cfg: CompressedBenchConfig) -> dict[str, Any]:
                 a.get("error_max", 0.0) for a in manifest["adapters"].values())}
             trace = make_trace(n, cfg.alpha, tcfg, vocab)
             sat = make_trace(n, cfg.alpha, scfg, vocab)
-            # the single-adapter baseline next to each n (a shared machine drifts), on the same
-            # traces (arrivals, prompts, lengths) with every request on one adapter
+            # the single adapter's TTFT next to each n, on the same latency trace (arrivals,
+            # prompts, lengths) with every request on one adapter; its throughput runs inside
+            # each system's process, interleaved with the system's own saturated replays
             raw[f"single/n={n}"] = _worker(common | {
                 "kind": "uncompressed", "n": 1, "slots": 1, "micro_reps": 0,
-                "trace": [r | {"adapter": 0} for r in trace],
-                "sat_trace": [r | {"adapter": 0} for r in sat]}, root)
+                "trace": [r | {"adapter": 0} for r in trace]}, root)
             # a slot per cluster, and a few for adapters the budget left uncompressed
             k = max(1, manifest["totals"]["clusters"] + min(4, manifest["totals"]["uncompressed"]))
             c = _worker(common | {"kind": "compressed", "n": n, "slots": k,
@@ -188,21 +190,28 @@ def cmd(args: Any) -> int:
         from pice.bench.lora_quality_report import quality_table, stores_table
 
         n, steps = (int(x) for x in args.quality.split(":"))
-        real = Path(resolve_model(args.model, args.cache_dir).path)
+        real = Path(resolve_model(args.model or DEFAULT_EDGE_MODEL, args.cache_dir).path)
         res = run_quality(QualityConfig(real, args.out, n=n, steps=steps,
                                         cache_dir=args.cache_dir))
         print(quality_table(res) + "\n\n" + stores_table(res))
         return 0
     # the serving bench defaults to the small random model (the packaged one is too slow on
     # two shared cores for thousands of adapters); name another model to run it instead
-    model = SMALL if args.model == DEFAULT_EDGE_MODEL else args.model
-    kw: dict[str, Any] = {"model": model, "tiny": args.tiny, "threads": args.threads,
+    kw: dict[str, Any] = {"model": args.model or SMALL, "tiny": args.tiny,
+                          "threads": args.threads,
                           "cache_dir": args.cache_dir, "out_dir": args.out,
                           "method": args.method}
     if args.requests:
         kw["requests"] = args.requests
     if args.rate:
         kw["rate"] = args.rate
+    if args.sat_requests:
+        kw["sat_requests"] = args.sat_requests
+    if args.rank:
+        kw["rank"] = args.rank
+        kw["ranks"] = [args.rank]
+    if args.targets:
+        kw["targets"] = args.targets.split(",")
     if args.ns:
         kw["ns"] = [int(x) for x in args.ns.split(",")]
     result = run_compressed_bench(CompressedBenchConfig(**kw))

@@ -68,7 +68,8 @@ def run_pice_trace(engine: Any, trace: list[dict[str, Any]], n: int,
         now = time.perf_counter() - t0
         while pending and pending[0]["arrival"] <= now:
             r = pending.pop(0)
-            name = None if r["adapter"] is None else f"lora-{r['adapter']}"
+            ad = r["adapter"]
+            name = None if ad is None else ad if isinstance(ad, str) else f"lora-{ad}"
             seq = engine.make_sequence(r["prompt"], SamplingParams(max_tokens=r["out_len"],
                                                                    ignore_eos=True), name)
             engine.add(seq)

@@ -244,6 +244,11 @@ class AdapterPool(CompressedPool):
                         and entry.error is None:
                     self._request_load(name, entry)
 
+    def loads_pending(self) -> int:
+        """Background loads not finished yet."""
+        with self._lock:
+            return sum(e.loading for e in self._entries.values())
+
     def wait_for_load(self, timeout: float) -> None:
         """Block until a background load finishes (or the timeout)."""
         with self._loaded:
