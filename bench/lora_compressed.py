@@ -34,7 +34,7 @@ class CompressedBenchConfig:
     tiny: bool = False
     ns: list[int] = field(default_factory=lambda: [10, 100, 1000, 4000])
     alpha: float = 1.0  # adapter popularity (S-LoRA power law; 1 = uniform)
-    requests: int = 32  # the latency trace (TTFT hit vs miss), arrival-bound
+    requests: int = 64  # the latency trace (TTFT hit vs miss), arrival-bound
     rate: float = 20.0
     sat_requests: int = 192  # the throughput trace: all arrive at t = 0
     sat_reps: int = 3  # saturated replays per system, each paired with a single-adapter one
@@ -167,8 +167,11 @@ def run_compressed_bench(cfg: CompressedBenchConfig) -> dict[str, Any]:
             raw[f"single/n={n}"] = _worker(common | {
                 "kind": "uncompressed", "n": 1, "slots": 1, "micro_reps": 0,
                 "trace": [r | {"adapter": 0} for r in trace]}, root)
-            # a slot per cluster, and a few for adapters the budget left uncompressed
-            k = max(1, manifest["totals"]["clusters"] + min(4, manifest["totals"]["uncompressed"]))
+            # a slot per cluster, and one per adapter the budget left uncompressed up to a batch
+            # (fewer slots than adapters running at once would measure queueing for a slot,
+            # not the cost of a swap); the uncompressed system gets the same bytes
+            k = max(1, manifest["totals"]["clusters"]
+                    + min(cfg.max_num_seqs, manifest["totals"]["uncompressed"]))
             c = _worker(common | {"kind": "compressed", "n": n, "slots": k,
                                   "store": str(store), "trace": trace, "sat_trace": sat}, root)
             # the uncompressed engine: as many slots as the compressed one's adapter bytes buy
