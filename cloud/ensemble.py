@@ -16,7 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from pice.cloud.events import SectionEvent
 from pice.cloud.guard import GuardConfig, clean, finish, verdict
 from pice.cloud.metrics import Metrics
-from pice.cloud.selection import CandidateScore, SelectionWeights, body, select
+from pice.cloud.selection import CandidateScore, SelectionWeights, body, rank_key, select
 from pice.shared.embeddings import Embedder, get_embedder
 from pice.shared.protocol import ExpansionResult, ExpansionTask
 from pice.shared.worker import CLOUD_WORKER_ID, ExpansionWorker
@@ -70,6 +70,8 @@ class EnsembleStats:
     k: int = 1
     edge_tokens: int = 0  # every candidate's tokens, winners or not
     repaired: list[dict[str, object]] = field(default_factory=list)
+    # the bodies of the sections decided so far, so a later one does not say their sentences
+    said: list[str] = field(default_factory=list)
 
 
 def _section(r: ExpansionResult, scores: list[CandidateScore], repaired: str | None
@@ -159,8 +161,8 @@ class PointExpander:
         _, scores = await asyncio.to_thread(select, task.question, point, got,
                                             self.embedder(), self.cfg.weights, others)
         by_candidate = {(s.candidate, s.worker): s for s in scores}
-        ranked = sorted(got, key=lambda r: (-by_candidate[(r.candidate, r.worker)].score,
-                                            r.candidate))
+        ranked = sorted(got, key=lambda r: (
+            -rank_key(by_candidate[(r.candidate, r.worker)], body(r, point)), r.candidate))
         guard = self.cfg.guard
         if not guard.enabled:  # sections pass through untouched
             top = ranked[0]
@@ -169,7 +171,7 @@ class PointExpander:
         first_problem: tuple[ExpansionResult, str] | None = None
         for r in ranked:
             score = by_candidate[(r.candidate, r.worker)]
-            used, why = clean(r, point, others)
+            used, why = clean(r, point, others, stats.said)
             if used is not None and why is None and score.drift > guard.max_drift:
                 used, why = None, "off point"
             if used is None:
@@ -184,6 +186,7 @@ class PointExpander:
             if why is not None:  # garbage trimmed away: what is left stands
                 self._count(task.index, why, score.score, "trim", stats)
             final = finish(used, point)
+            stats.said.append(body(final, point))
             return Picked(final, _section(final, scores, why))
         assert first_problem is not None
         r, why = first_problem
@@ -215,14 +218,21 @@ class PointExpander:
             task = base[r.index]
             point = task.sketch[r.index]
             others = [p for i, p in enumerate(task.sketch) if i != r.index]
-            got = fixed.get(r.index, r)
-            used, _ = clean(got, point, others)
-            if used is None:  # nothing usable: the title alone, never garbage
-                used = got.model_copy(update={"text": "", "finish_reason": "stop"})
+            used, by = None, "title"
+            if r.index in fixed:
+                used, _ = clean(fixed[r.index], point, others, stats.said)
+                by = fixed[r.index].worker
+            if used is None and why == "low score":
+                # the cloud's text was no better: the edge's own clean pick stands, never
+                # the bare title in its place
+                used, _ = clean(r, point, others, stats.said)
+                by = "kept"
+            if used is None or not body(used, point):  # nothing usable: the title alone
+                used, by = r.model_copy(update={"text": "", "finish_reason": "stop"}), "title"
             final = finish(used, point)
+            stats.said.append(body(final, point))
             best = next(s for s in scores if s.candidate == r.candidate)
-            self._count(r.index, why, best.score,
-                        final.worker if body(final, point) else "title", stats)
+            self._count(r.index, why, best.score, by, stats)
             yield Picked(final, _section(final, scores, why))
 
 

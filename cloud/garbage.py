@@ -122,3 +122,32 @@ def salvage(text: str, point: str, others: Sequence[str]) -> str | None:
     if len(words(kept)) < MIN_SECTION_WORDS or problem(kept, point, others) is not None:
         return None
     return kept
+
+
+def _shingles(sentence: str) -> set[tuple[str, ...]]:
+    w = words(sentence)
+    return {tuple(w[i:i + 3]) for i in range(len(w) - 2)}
+
+
+def same_sentence(a: str, b: str) -> bool:
+    """The same sentence said twice, in two sections: equal once normalized, or (four words and
+    more) most of the shorter one's word triples inside the other's."""
+    if _norm(a) == _norm(b):
+        return bool(_norm(a))
+    sa, sb = _shingles(a), _shingles(b)
+    if min(len(sa), len(sb)) < 2:
+        return False
+    return len(sa & sb) / min(len(sa), len(sb)) >= 0.6
+
+
+def drop_said(text: str, said: Sequence[str]) -> tuple[str, int]:
+    """(the text without its sentences that another section already said, how many went).
+    `said`: the other sections' bodies."""
+    before = [s for t in said for s in _SENTENCE.split(t) if len(words(s)) >= 3]
+    kept, dropped = [], 0
+    for s in _SENTENCE.split(text):
+        if len(words(s)) >= 3 and any(same_sentence(s, b) for b in before):
+            dropped += 1
+            continue
+        kept.append(s)
+    return " ".join(kept).strip(), dropped

@@ -1,5 +1,6 @@
 """Quality guard: a point whose best candidate is garbage (echoes the sketch, writes another
-point, repeats itself, restates its title: garbage.py; or drifts off its point), empty, cut off
+point, repeats itself, restates its title, says a sentence another section already said:
+garbage.py; or drifts off its point), empty, cut off
 (hit its token budget without ending a sentence) or scores under the threshold is re-expanded by
 the cloud model; whatever comes back is cleaned the same way and finished at a sentence end, so
 no answer carries a garbage, empty or cut-off section (the point's title stands in last)."""
@@ -7,10 +8,11 @@ no answer carries a garbage, empty or cut-off section (the point's title stands 
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from pice.cloud.garbage import problem, salvage
+from pice.cloud.garbage import MIN_SECTION_WORDS, drop_said, problem, salvage, words
 from pice.cloud.selection import body
 from pice.shared.protocol import ExpansionResult
 
@@ -19,8 +21,8 @@ _LAST_SENTENCE_END = re.compile(r"""^(.*[.!?…]["')\]]*)(?:\s|$)""", re.S)
 
 
 # why a point was repaired (the `reason` label of pice_guard_repairs_total)
-REASONS = ("echo", "other point", "repeats", "restates", "off point", "empty", "cut off",
-           "low score")
+REASONS = ("echo", "other point", "repeats", "restates", "duplicate", "off point", "empty",
+           "cut off", "low score")
 
 
 class GuardConfig(BaseModel):
@@ -57,19 +59,29 @@ def verdict(result: ExpansionResult, point: str, score: float | None,
     return None
 
 
-def clean(result: ExpansionResult, point: str, others: list[str]
+def clean(result: ExpansionResult, point: str, others: list[str], said: Sequence[str] = ()
           ) -> tuple[ExpansionResult | None, str | None]:
     """(the result to use, what was wrong): unchanged and None when it is fine; its good part
-    (finish_reason "stop") and the problem when one could be kept; None and the problem when
-    nothing could."""
+    and the problem when one could be kept; None and the problem when nothing could. `said`:
+    the bodies of the answer's sections decided before this one: a sentence one of them already
+    says is dropped ("duplicate"), and the section goes when too little is left."""
     text = body(result, point)
     why = problem(text, point, others)
+    kept = text if why is None else salvage(text, point, others)
+    if kept and said:
+        rest, dropped = drop_said(kept, said)
+        if dropped:
+            why = why or "duplicate"
+            kept = rest if (len(words(rest)) >= MIN_SECTION_WORDS
+                            and problem(rest, point, others) is None) else None
     if why is None:
         return result, None
-    kept = salvage(text, point, others)
     if kept is None:
         return None, why
-    return result.model_copy(update={"text": f"{point}: {kept}", "finish_reason": "stop"}), why
+    # a salvaged text ends at a full sentence; one that only lost a said sentence keeps its
+    # finish reason (a cut-off tail is still finished later)
+    done = {} if why == "duplicate" else {"finish_reason": "stop"}
+    return result.model_copy(update={"text": f"{point}: {kept}", **done}), why
 
 
 def finish(result: ExpansionResult, point: str) -> ExpansionResult:

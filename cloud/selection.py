@@ -16,6 +16,8 @@ from pice.shared.protocol import ExpansionResult
 
 MIN_WORDS = 10  # texts shorter than this many words get a proportionally lower score: a
 # section should explain its point (two sentences), not restate it in a few words
+EXPLAIN_WORDS = 24  # ranking: a candidate under this many words ranks lower (sqrt of the
+# share); past it length earns nothing, so padding never wins (and a repeat is garbage anyway)
 
 
 class SelectionWeights(BaseModel):
@@ -88,13 +90,27 @@ def score_candidates(question: str, point: str, candidates: list[ExpansionResult
     return scores
 
 
+def explains(text: str) -> float:
+    """How far a section body goes towards explaining its point, in [0, 1]: the square root of
+    its share of EXPLAIN_WORDS (one short sentence restating the point ranks below two that
+    explain it; beyond EXPLAIN_WORDS, no gain)."""
+    return math.sqrt(min(1.0, len(text.split()) / EXPLAIN_WORDS))
+
+
+def rank_key(score: CandidateScore, text: str) -> float:
+    """What the ensemble ranks candidates by: the selection score times `explains`."""
+    return score.score * explains(text)
+
+
 def select(question: str, point: str, candidates: list[ExpansionResult], embedder: Embedder,
            weights: SelectionWeights | None = None,
            other_points: list[str] | tuple[str, ...] = (),
            ) -> tuple[ExpansionResult, list[CandidateScore]]:
-    """The winning candidate (ties: the lower candidate number) and every candidate's score."""
+    """The winning candidate (the highest `rank_key`; ties: the lower candidate number) and
+    every candidate's score."""
     if not candidates:
         raise ValueError("select needs at least one candidate")
     scores = score_candidates(question, point, candidates, embedder, weights, other_points)
-    best = max(range(len(candidates)), key=lambda i: (scores[i].score, -candidates[i].candidate))
+    best = max(range(len(candidates)), key=lambda i: (
+        rank_key(scores[i], body(candidates[i], point)), -candidates[i].candidate))
     return candidates[best], scores

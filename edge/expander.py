@@ -12,25 +12,29 @@ from pice.shared.protocol import ExpansionResult, ExpansionTask
 from pice.shared.sampling import SamplingParams
 
 _SYSTEM = ("You are helping write an answer whose outline is already fixed. You write the text "
-           "of exactly one point of the outline: two informative sentences of plain prose that "
-           "explain that point (what it means, and how or why it matters for the question), and "
-           "only that point. Do not repeat the point's title, do not list or number anything.")
+           "of exactly one point of the outline: one short paragraph of two or three full "
+           "sentences that explain that point (what it means, and how or why it matters for the "
+           "question), and only that point. Write plain prose: do not repeat the point's title, "
+           "do not number the sentences, do not make a list.")
 
 
 def _ask(task: ExpansionTask) -> str:
-    # the outline as a comma-separated line, not a numbered list: a numbered list invites small
-    # models to continue it ("… tasks 2. Use productivity tools 3. …")
+    # the outline as a semicolon-separated line, not a numbered list: a numbered list invites
+    # small models to continue it ("… tasks 2. Use productivity tools 3. …"). "Explain … in two
+    # sentences" made the 1.5B number its two sentences, restarting at "1." with the first
+    # point of the outline (the guard then had only the title left): a paragraph it writes as
+    # prose.
     outline = "; ".join(task.sketch)
     point = task.sketch[task.index]
     return (f"Question: {task.question}\n\nOutline: {outline}\n\n"
-            f"Explain the point \"{point}\" in two sentences. Do not write any other point.")
+            f"Write the paragraph for the point \"{point}\".")
 
 
 # One worked example for base models (no chat template): the transcript shows the reply's shape.
 _EXAMPLE = ExpansionTask(request_id="example", question="How can I make my mornings less rushed?",
                          sketch=["Prepare everything the night before", "Wake up at a fixed time",
                                  "Keep breakfast simple"], index=1, max_tokens=1)
-_EXAMPLE_REPLY = ("Wake up at a fixed time: Getting up at the same time every day, weekends "
+_EXAMPLE_REPLY = ("2. Wake up at a fixed time: Getting up at the same time every day, weekends "
                   "included, sets your body clock so that waking up feels easier. Your mornings "
                   "then start on schedule instead of with a scramble.")
 # Generation ends at a new line or an item marker: past them a small model writes other points.
@@ -54,22 +58,28 @@ def is_base_model(generator: TextGenerator) -> bool:
 
 
 def assistant_prefix(task: ExpansionTask) -> str:
-    """The reply starts with the point itself, so the model continues it rather than restarting
-    the outline."""
-    return f"{task.sketch[task.index]}: "
+    """The reply starts with the point itself, numbered as in the answer ("3. Title: "), so the
+    model continues that item rather than restarting the outline: without the number, the
+    models began with "1. " and as often as not wrote the outline's first point instead."""
+    return f"{task.index + 1}. {task.sketch[task.index]}: "
 
 
 # Where a small model starts another item: a new numbered/bulleted line, or "… end. 2. Next"
 _NEXT_POINT = re.compile(r"\n\s*(?:\d{1,2}[.)]|[-*•])\s|\s\d{1,2}[.)]\s+(?=[A-Z])")
-_LEADING_NUMBER = re.compile(r"^\s*(?:\d{1,2}[.)]|[-*•])\s+")
+_LEADING_NUMBER = re.compile(r"^\s*(?:\d{1,2}[.)]\s+|\d{1,2}\.\d{1,2}[.)]?\s+(?=[A-Z])|[-*•]\s+)")
+# "3.1 Caffeine … 3.2 Screens …": the point's own sentences numbered under it (prose once the
+# markers go)
+_SUB_ITEM = re.compile(r"(?:^|(?<=\s))\d{1,2}\.\d{1,2}[.)]?\s+(?=[A-Z])")
 
 
 def clean_expansion(text: str, point: str = "") -> str:
-    """Keep the first paragraph of the point's own text: drop a leading "1. " and a restated
-    point title, cut where the model starts the next outline item."""
+    """Keep the first paragraph of the point's own text: drop a leading "1. " (or "3.1 ") and a
+    restated point title, turn sub-numbered sentences ("3.1 … 3.2 …") into prose, cut where the
+    model starts the next outline item."""
     text = _LEADING_NUMBER.sub("", text.strip(), count=1)
     if point and text.lower().startswith(point.lower()):
         text = text[len(point):].lstrip(" :.-—")
+    text = _SUB_ITEM.sub("", text)
     text = _NEXT_POINT.split(text, maxsplit=1)[0]
     return text.strip().split("\n\n", 1)[0].strip()
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 from collections import Counter, defaultdict
 from collections.abc import AsyncIterator, Mapping
 from pathlib import Path
@@ -14,7 +15,7 @@ from typing import Any
 import pytest
 
 from pice.cloud.ensemble import EnsembleConfig, EnsembleStats, PointExpander, Source
-from pice.cloud.garbage import problem, salvage
+from pice.cloud.garbage import drop_said, problem, salvage, same_sentence
 from pice.cloud.guard import REASONS, GuardConfig, clean
 from pice.cloud.metrics import Metrics
 from pice.cloud.selection import body
@@ -148,3 +149,64 @@ def test_clean_keeps_good_text_and_reports_what_it_removed() -> None:
     assert used is None and why == "other point"
     good = _result(ROWS[4], 0)
     assert clean(good, ROWS[4]["sketch"][ROWS[4]["index"]], others(ROWS[4])) == (good, None)
+
+
+DUPLICATES = json.loads((Path(__file__).parent / "data" / "real_duplicates.json").read_text())
+
+
+def test_real_answer_with_a_sentence_in_two_sections() -> None:
+    """Captured from a real progressive answer (bench question knowledge-02): points 1 and 2
+    both won with "Vaccines are designed to stimulate the immune system to recognize and respond
+    to pathogens, such as viruses, bacteria, and other (harmful) organisms." Replayed through the
+    ensemble in the order the points came back, with the guard on and no cloud worker: the
+    later section loses the sentence another section already said, the metric counts it, and no
+    sentence appears in two sections."""
+    rows: list[dict[str, Any]] = DUPLICATES["rows"]
+    order = list(dict.fromkeys(r["index"] for r in rows))
+    sketch = rows[0]["sketch"]
+    metrics = Metrics()
+    sources = [Source(model=m, adapter=a) for m, a in dict.fromkeys(
+        (r["model"], r["adapter"]) for r in rows)]
+    expander = PointExpander(EnsembleConfig(sources=sources, k=3, guard=GuardConfig()), metrics,
+                             None)
+    stats = EnsembleStats()  # one answer: its sections share what has been said
+
+    async def dispatch(tasks: list[ExpansionTask], where: Mapping[int, str]
+                       ) -> AsyncIterator[ExpansionResult]:
+        for t in tasks:
+            r = next(x for x in rows if x["index"] == t.index
+                     and (x["model"], x["adapter"]) == (t.model, t.adapter))
+            yield ExpansionResult(request_id="replay", index=t.index, candidate=t.candidate,
+                                  text=r["text"], worker="edge", model=r["model"],
+                                  adapter=r["adapter"], tokens=r["tokens"],
+                                  mean_logprob=r["mean_logprob"],
+                                  finish_reason=r["finish_reason"], seconds=0.0)
+
+    async def answer() -> dict[int, ExpansionResult]:
+        out: dict[int, ExpansionResult] = {}
+        for i in order:  # eager dispatch: each point on its own, as its line completed
+            task = ExpansionTask(request_id="replay", question=rows[0]["question"],
+                                 sketch=sketch, index=i, max_tokens=53)
+            async for p in expander.expand_points(dispatch, [task], 3, [], stats):
+                out[p.result.index] = p.result
+        return out
+
+    sections = asyncio.run(answer())
+    assert sorted(sections) == list(range(len(sketch)))
+    said: list[str] = []
+    for i in order:
+        for s in re.split(r"(?<=[.!?])\s+", body(sections[i], sketch[i])):
+            assert not any(same_sentence(s, t) for t in said), (i, s)
+            said.append(s)
+    assert metrics.guard_repairs.labels("duplicate")._value.get() >= 1
+    assert any(r["reason"] == "duplicate" for r in stats.repaired)
+
+
+def test_same_sentence_is_near_exact_only() -> None:
+    a = "Helps maintain focus and productivity."
+    assert same_sentence(a, "helps maintain focus and productivity")
+    assert drop_said(f"{a} Short breaks also rest your eyes.", [f"Plan the day. {a}"]) == (
+        "Short breaks also rest your eyes.", 1)
+    # sharing a phrase is not saying the same sentence
+    assert not same_sentence("Vaccines train the immune system to recognize a pathogen.",
+                             "Memory cells let the immune system respond faster next time.")

@@ -1,6 +1,12 @@
 import pytest
 
-from pice.edge.expander import EdgeWorker, clean_expansion, drop_copied, expansion_messages
+from pice.edge.expander import (
+    EdgeWorker,
+    assistant_prefix,
+    clean_expansion,
+    drop_copied,
+    expansion_messages,
+)
 from pice.shared.hf_backend import HFGenerator
 from pice.shared.protocol import ExpansionTask
 from pice.shared.sampling import Completion, SamplingParams
@@ -39,9 +45,9 @@ def test_all_points_run_as_one_batch(tiny_model_dir) -> None:  # type: ignore[no
 
 def test_prompts_share_a_prefix_and_name_their_point() -> None:
     a, b = (expansion_messages(t)[1]["content"] for t in tasks(2))
-    assert a.split("Explain the point")[0] == b.split("Explain the point")[0]
-    assert 'Explain the point "Fixed schedule"' in a
-    assert 'Explain the point "Dark room"' in b
+    assert a.split("Write the paragraph")[0] == b.split("Write the paragraph")[0]
+    assert 'for the point "Fixed schedule"' in a
+    assert 'for the point "Dark room"' in b
     assert "1." not in a and "2." not in b  # no numbered outline for the model to continue
 
 
@@ -54,9 +60,23 @@ def test_prompts_share_a_prefix_and_name_their_point() -> None:
     ("Rest 7-9 hours. It helps: 1. Mood", "Rest 7-9 hours. It helps:"),
     # the sketch echoed without punctuation before the numbers (issue 15)
     ("Prioritize tasks 2. Use productivity tools 3. Take breaks", "Prioritize tasks"),
+    # the 1.5B numbering its point's own sentences under it (captured, "Avoid caffeine and
+    # electronics before bedtime"): prose once the markers go; a number in prose stays
+    ("3.1 Caffeine can disrupt sleep patterns and make it harder to fall asleep. 3.2 Excessive "
+     "use of electronics, such as smartphones and tablets, can also interfere with sleep "
+     "quality.", "Caffeine can disrupt sleep patterns and make it harder to fall asleep. "
+     "Excessive use of electronics, such as smartphones and tablets, can also interfere with "
+     "sleep quality."),
+    ("3.5 million people moved.", "3.5 million people moved."),
+    ("30 minutes before bedtime.", "30 minutes before bedtime."),
 ])
 def test_clean_expansion(raw: str, clean: str) -> None:
     assert clean_expansion(raw) == clean
+
+
+def test_the_reply_continues_its_own_numbered_item() -> None:
+    t = tasks(3)[2]
+    assert assistant_prefix(t) == f"3. {t.sketch[2]}: "
 
 
 def test_clean_expansion_drops_a_restated_point() -> None:
