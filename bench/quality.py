@@ -41,8 +41,10 @@ from pice.shared.backend import TextGenerator
 from pice.shared.config import ServeSettings
 from pice.shared.models.cache import default_cache_dir
 
-PHASES = {"cloud": ("cloud", True), "progressive": ("progressive", True),
-          "progressive-no-eager": ("progressive", False)}  # phase → (mode, eager)
+# phase → (mode, eager); None: the server's default (eager unless the edges share its cores)
+PHASES: dict[str, tuple[str, bool | None]] = {
+    "cloud": ("cloud", None), "progressive": ("progressive", None),
+    "progressive-no-eager": ("progressive", False)}
 VARIANTS = ("progressive", "progressive-no-eager")  # judged against "cloud"
 
 
@@ -139,7 +141,7 @@ def _answers(cfg: QualityConfig, settings: ServeSettings, questions: list[dict[s
                               cfg.max_points, cfg.concurrency, progress)
     finally:
         server.close()
-        pipeline.eager = True
+        pipeline.eager = None
     return out, pipeline.cloud
 
 

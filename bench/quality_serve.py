@@ -84,7 +84,7 @@ def _record(body: dict[str, Any], wall: float) -> dict[str, Any]:
 
 
 def generate(server: Server, questions: list[dict[str, Any]], phase: str, mode: str,
-             eager: bool, path: Path, max_tokens: int, max_points: int, concurrency: int,
+             eager: bool | None, path: Path, max_tokens: int, max_points: int, concurrency: int,
              progress: bool = True) -> dict[str, Any]:
     """Answers of `questions` in `mode` (cached ones reused), `concurrency` requests in flight.
     Returns question id → record (text, mode, server timings, client latency, ensemble ...)."""

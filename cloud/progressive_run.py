@@ -43,6 +43,7 @@ async def run_progressive(p: Pipeline, plan: Plan, clock: Clock) -> AsyncIterato
     failed: list[ExpansionTask] = []
     running: set[asyncio.Task[None]] = set()
     sketch_out: dict[str, Any] = {}
+    eager = p.eager_now()
 
     def task(i: int) -> ExpansionTask:
         return ExpansionTask(request_id=req.request_id, question=req.question,
@@ -110,14 +111,14 @@ async def run_progressive(p: Pipeline, plan: Plan, clock: Clock) -> AsyncIterato
                 tasks.append(task(i))
                 clock.first_output()
                 yield PointEvent(i, payload)
-                if p.eager:
+                if eager:
                     launch([tasks[i]])
             elif kind == "sketched":
                 points = payload
                 if not points:
                     break
                 yield SketchEvent(points)
-                if not p.eager:
+                if not eager:
                     launch([task(i) for i in range(len(points))])
             elif kind == "picked":
                 held.append(payload)

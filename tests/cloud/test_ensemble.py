@@ -119,7 +119,7 @@ def test_ensemble_runs_on_an_idle_server_without_pinning(
     cfg = EnsembleConfig(sources=[Source(model=a.name), Source(model=b.name)],
                          guard=GuardConfig(enabled=False))
     pipeline = Pipeline(cloud, EdgePool([EdgeWorker("ea", a), EdgeWorker("eb", b)]),
-                        PolicyConfig(), Metrics(), ensemble=cfg)
+                        PolicyConfig(), Metrics(), ensemble=cfg, eager=True)
     req = AnswerRequest("r1", [{"role": "user", "content": SKETCH_QUESTIONS[0]}], max_tokens=60,
                         mode="progressive")
 
@@ -131,3 +131,29 @@ def test_ensemble_runs_on_an_idle_server_without_pinning(
     assert isinstance(done, DoneEvent) and done.ensemble == 2
     assert all(len(s.candidates) == 2 for s in done.sections)
     assert sum(a.batches) == sum(b.batches) == 3
+
+
+def test_edges_on_the_cloud_cores_get_a_smaller_ensemble_after_the_sketch(
+        sketch_model_dir: Path, tiny_model_dir: Path, second_edge_dir: Path) -> None:
+    """Every edge in this process: by default (eager=None) the points go out in one dispatch
+    once the sketch is done (eager expansions would take the sketch's cores), and an idle
+    server's ensemble is capped at shared_cpu_ensemble candidates per point."""
+    cloud = HFGenerator(str(sketch_model_dir), max_context=1024)
+    a, b = CountingGenerator(str(tiny_model_dir)), CountingGenerator(str(second_edge_dir))
+    cfg = EnsembleConfig(sources=[Source(model=a.name), Source(model=b.name)],
+                         guard=GuardConfig(enabled=False))
+    pipeline = Pipeline(cloud, EdgePool([EdgeWorker("ea", a), EdgeWorker("eb", b)]),
+                        PolicyConfig(), Metrics(), ensemble=cfg, shared_cpu_ensemble=1)
+    assert pipeline.edges_share_cpu() and not pipeline.eager_now()
+    req = AnswerRequest("r1", [{"role": "user", "content": SKETCH_QUESTIONS[0]}], max_tokens=60,
+                        mode="progressive")
+
+    async def collect() -> list[Event]:
+        return [ev async for ev in pipeline.run(req)]
+
+    done = asyncio.run(collect())[-1]
+    assert isinstance(done, DoneEvent) and done.ensemble == 1
+    assert all(len(s.candidates) == 1 for s in done.sections)
+    assert a.batches == [3] and b.batches == []  # one batch of every point, first source only
+    pipeline.eager = True  # asked for: eager all the same
+    assert pipeline.eager_now()
