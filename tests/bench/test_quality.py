@@ -27,7 +27,7 @@ def test_quality_bench_on_tiny_models(sketch_model_dir: Path, tiny_model_dir: Pa
                         edge_models=[str(tiny_model_dir), str(second)], limit=2, max_tokens=48,
                         max_points=3, out_dir=tmp_path / "out", cache_dir=tmp_path / "cache",
                         adapter=adapter, questions=questions, concurrency=2,
-                        judge_no_eager=True)
+                        judge_no_eager=True, latency_limit=1)
     result = run_quality(cfg, progress=False)
     assert (tmp_path / "out" / "quality.png").stat().st_size > 0
     saved = json.loads((tmp_path / "out" / "quality.json").read_text())
@@ -36,8 +36,11 @@ def test_quality_bench_on_tiny_models(sketch_model_dir: Path, tiny_model_dir: Pa
     cached = sorted((tmp_path / "cache" / "bench-quality").glob("*.json"))
     phases = {p.name.rsplit("-", 1)[0] for p in cached}
     assert {"cloud", "progressive", "progressive-no-eager"} <= phases
+    assert {"latency-cloud", "latency-progressive"} <= phases
     for p in cached:
-        if not p.name.startswith("profiles"):
+        if p.name.startswith("latency"):  # one question at a time, on the first only
+            assert {"t0"} <= set(json.loads(p.read_text())) and "t1" not in p.read_text()
+        elif not p.name.startswith("profiles"):
             assert {"t0", "t1"} <= set(json.loads(p.read_text()))
     rows = result["rows"]
     assert {(r["id"], r["variant"]) for r in rows} == {
@@ -54,6 +57,9 @@ def test_quality_bench_on_tiny_models(sketch_model_dir: Path, tiny_model_dir: Pa
     timing = result["summary"]["timing"]
     assert timing["eager_vs_not"]["first_section_ratio"] > 0
     assert set(timing) >= {"cloud", "progressive", "progressive-no-eager"}
+    assert timing["latency-progressive"]["questions"] == timing["latency-cloud"]["questions"] == 1
+    one = timing["progressive_vs_cloud_concurrency_1"]
+    assert result["target"]["latency_cut_concurrency_1"] == one["latency_cut"] < 1
     # a rerun reuses every cached answer and judge profile: the same verdicts
     again = run_quality(cfg, progress=False)
     assert [(r["id"], r["variant"], r["preference"]) for r in again["rows"]] == [
