@@ -11,6 +11,9 @@ from pice.kernels.lora import DecodeLayout, Segment, bgmv_, lora_reference, sgmv
 SLOTS, R, IN = 4, 8, 32
 OUTS = [32, 16, 16]  # e.g. q, k, v fused
 RANKS = [8, 1, 3, 5]
+# the compressed path sums U (Σ (Vᵀ x)) in another order than the reference's U Σ Vᵀ x: float32
+# rounding of ~200 products of size ~10 (the kernels' reduction order varies with threads)
+TOL = {"rtol": 1e-5, "atol": 1e-4}
 
 
 def slot_buffers(seed: int = 0) -> tuple[torch.Tensor, list[torch.Tensor]]:
@@ -99,7 +102,7 @@ def test_compressed_tokens_mixed_with_plain_and_base() -> None:
                                        for t in toks])
     y = y0.clone()
     bgmv_(y, x, a, bs, layout, Cores(cells(full_tok), sig_full, cells(diag_tok), sig_diag))
-    torch.testing.assert_close(y, want)
+    torch.testing.assert_close(y, want, **TOL)
 
     # decode with a core per cell: Σ, σ on the diagonal, the identity for plain adapters'
     # cells (slot 0's rank 8 > r = 5: its ranks beyond 5 pass through), garbage in empty ones
@@ -111,7 +114,7 @@ def test_compressed_tokens_mixed_with_plain_and_base() -> None:
             grid[(s - layout.lo) * m + index[:row].count(s)] = torch.eye(r)
     y = y0.clone()
     bgmv_(y, x, a, bs, layout, CellCores(grid))
-    torch.testing.assert_close(y, want)
+    torch.testing.assert_close(y, want, **TOL)
 
     # prefill: batch ordered by slot, one segment per slot; core positions are batch rows
     order = sorted(range(len(index)), key=index.__getitem__)
@@ -124,4 +127,4 @@ def test_compressed_tokens_mixed_with_plain_and_base() -> None:
         segs.append(Segment(start, start + n_s, s, ranks[s]))
     rows = lambda toks: torch.tensor([order.index(t) for t in toks])  # noqa: E731
     sgmv_(ys, xs, a, bs, segs, Cores(rows(full_tok), sig_full, rows(diag_tok), sig_diag))
-    torch.testing.assert_close(ys, want[order])
+    torch.testing.assert_close(ys, want[order], **TOL)
