@@ -148,7 +148,7 @@ class PointExpander:
             async for picked in self._repair(repairs, base, stats):
                 yield picked
             raise
-        async for picked in self._repair(repairs, base, stats):
+        async for picked in self._repair(repairs, base, stats, dispatch, stats.k):
             yield picked
 
     async def _decide(self, task: ExpansionTask, got: list[ExpansionResult],
@@ -199,14 +199,69 @@ class PointExpander:
         stats.repaired.append({"index": index, "reason": why, "score": score, "by": by})
         log.info("guard: point %d (%s) repaired by %s", index, why, by)
 
+    async def _retry_on_edges(self, todo: list[Repair], base: dict[int, ExpansionTask],
+                              stats: EnsembleStats, dispatch: Dispatch, k: int
+                              ) -> AsyncIterator[Picked]:
+        """Before the cloud: each point to repair once more on the edges, from the first
+        ensemble source its candidates did not use (k candidates ran sources 0..k-1). A retry
+        that is clean and passes the guard's verdict stands (removed from `todo`); the rest
+        stays for the cloud. An edge token costs about a third of a cloud token's compute, and
+        the cloud's repairs were the largest share of a progressive answer's work."""
+        sources = self.cfg.sources
+        if not self.cfg.guard.enabled or k >= len(sources):
+            return
+        src = sources[k]
+        tasks = [base[r.index].model_copy(update={"candidate": k, "model": src.model,
+                                                  "adapter": src.adapter})
+                 for r, _, _ in todo
+                 if base[r.index].model is None and base[r.index].adapter is None]
+        if not tasks:
+            return
+        got: dict[int, ExpansionResult] = {}
+        try:
+            async for r in dispatch(tasks, {}):
+                stats.edge_tokens += r.tokens
+                got[r.index] = r
+        except Exception as exc:  # the cloud still repairs what did not come back
+            log.info("guard: edge retry failed (%s); the cloud repairs", exc)
+        for item in list(todo):
+            r0, scores, why = item
+            retry = got.get(r0.index)
+            if retry is None:
+                continue
+            task = base[r0.index]
+            point = task.sketch[r0.index]
+            others = [p for i, p in enumerate(task.sketch) if i != r0.index]
+            used, _ = clean(retry, point, others, stats.said)
+            if used is None:
+                continue
+            _, [score] = await asyncio.to_thread(select, task.question, point, [used],
+                                                 self.embedder(), self.cfg.weights, others)
+            if score.drift > self.cfg.guard.max_drift or verdict(
+                    used, point, score.score, self.cfg.guard) is not None:
+                continue
+            todo.remove(item)
+            final = finish(used, point)
+            stats.said.append(body(final, point))
+            self._count(r0.index, why, score.score, used.worker, stats)
+            yield Picked(final, _section(final, [*scores, score], why))
+
     async def _repair(self, repairs: list[Repair], base: dict[int, ExpansionTask],
-                      stats: EnsembleStats) -> AsyncIterator[Picked]:
-        """The guard's points, re-expanded by the cloud model in one batch (when the guard is on
-        and there is a cloud worker); whatever comes back is cleaned and finished at a sentence
-        end, and a point with nothing usable left keeps only its title."""
+                      stats: EnsembleStats, dispatch: Dispatch | None = None, k: int = 1
+                      ) -> AsyncIterator[Picked]:
+        """The guard's points: first retried once on the edges with an ensemble source not yet
+        used (`dispatch`; `k` candidates ran), then what is still wrong re-expanded by the cloud
+        model in one batch (when the guard is on and there is a cloud worker); whatever comes
+        back is cleaned and finished at a sentence end, and a point with nothing usable left
+        keeps only its title."""
         if not repairs:
             return
         todo, repairs[:] = list(repairs), []
+        if dispatch is not None:
+            async for picked in self._retry_on_edges(todo, base, stats, dispatch, k):
+                yield picked
+        if not todo:
+            return
         fixed: dict[int, ExpansionResult] = {}
         if self.cloud_worker is not None and self.cfg.guard.enabled:
             tasks = [base[r.index].model_copy(update={

@@ -73,9 +73,11 @@ class Pipeline:
         # sketch's own cores: measured at concurrency 6 on 2 cores, eager made the first section
         # 1.44x and the answer 1.47x slower than dispatching after the sketch, quality.json)
         self.eager = eager
-        # candidates per point at most while every edge shares this process's cores (the
-        # ensemble then competes with the sketch and with the other answers for them)
+        # candidates per point at most while every edge shares this process's cores and no
+        # other request is being planned or answered (the ensemble then competes with the
+        # sketch and with the other answers for the same cores: one candidate when any is)
         self.shared_cpu_ensemble = shared_cpu_ensemble
+        self.busy = 0  # requests being planned or executed now
 
     def edges_share_cpu(self) -> bool:
         """Every edge is an in-process worker: the edges compute on the cloud model's cores."""
@@ -123,22 +125,38 @@ class Pipeline:
                                  priority=req.priority, model=req.adapter_model,
                                  adapter=req.adapter)
         # the router embeds the question (MiniLM): off the event loop
-        decision = await asyncio.to_thread(self.scheduler.decide, features,
-                                           self.edges.snapshot())
-        if (decision.mode == "progressive" and decision.ensemble > self.shared_cpu_ensemble
-                and self.edges_share_cpu()):
-            decision = dataclasses.replace(decision, ensemble=self.shared_cpu_ensemble)
+        self.busy += 1
+        try:
+            decision = await asyncio.to_thread(self.scheduler.decide, features,
+                                               self.edges.snapshot())
+            others = self.busy - 1
+        finally:
+            self.busy -= 1
+        if decision.mode == "progressive" and self.edges_share_cpu():
+            cap = self.shared_cpu_ensemble if others == 0 else 1
+            if decision.ensemble > cap:
+                decision = dataclasses.replace(decision, ensemble=cap)
         self.metrics.decisions.labels(decision.mode, decision.code).inc()
         return Plan(req, decision.mode, who, decision, features)
 
     def execute(self, plan: Plan) -> AsyncIterator[Event]:
         """Run the plan; the events end with one DoneEvent."""
         if plan.route == "edge":
-            return self._edge(plan)
+            return self._counted(self._edge(plan))
         if plan.route == "progressive":
-            return run_progressive(self, plan, Clock())
+            return self._counted(run_progressive(self, plan, Clock()))
         assert plan.decision is not None
-        return self.cloud_answer(plan, plan.decision.reason, Clock())
+        return self._counted(self.cloud_answer(plan, plan.decision.reason, Clock()))
+
+    async def _counted(self, events: AsyncIterator[Event]) -> AsyncIterator[Event]:
+        """`events`, with the request counted in `busy` while they run."""
+        self.busy += 1
+        try:
+            async for ev in events:
+                yield ev
+        finally:
+            self.busy -= 1
+            await cast(Any, events).aclose()  # a client gone mid-answer stops its work now
 
     async def run(self, req: AnswerRequest) -> AsyncIterator[Event]:
         """plan, then execute (no adapter question: the pipeline's own models)."""

@@ -155,7 +155,7 @@ def cmd_bench_quality(args: argparse.Namespace) -> int:
               "out_dir": args.out, "cache_dir": args.cache_dir, "threads": args.threads,
               "backend": args.backend, "adapter": args.adapter,
               "validate_limit": args.validate_limit, "concurrency": args.concurrency,
-              "pairwise_pairs": args.pairwise_pairs}
+              "pairwise_pairs": args.pairwise_pairs, "latency_limit": args.latency_limit}
     cfg = QualityConfig(**{k: v for k, v in fields.items() if v is not None})
     cfg.suitable_only = not args.all_questions
     cfg.judge = not args.no_judge
@@ -382,6 +382,8 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--adapter", type=Path, help="distilled adapter for the first edge model "
                    "(default: the shipped one)")
     q.add_argument("--concurrency", type=int, help="requests in flight (default 4)")
+    q.add_argument("--latency-limit", type=int, help="questions also answered one at a time, "
+                   "timed only (default 6; 0: none, e.g. with --concurrency 1)")
     q.add_argument("--no-judge", action="store_true", help="answers only (cached)")
     q.add_argument("--validate-only", action="store_true", help="validate the judge on "
                    "corrupted full answers, write quality_judge.json, stop")
