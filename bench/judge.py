@@ -10,10 +10,18 @@ alone, then compares two profiles with a rule that is antisymmetric by construct
   point that echoes or lists the other points (cloud/garbage.py's detectors);
 - completeness: how much of the other answer's content this one covers (MiniLM: mean over the
   other answer's sentences of the best cosine with one of this answer's), minus the reverse;
-- fluency: mean log-probability of the answer's tokens under the judge model, given the question
-  (shuffled, disordered text reads worse);
+- coherence: how much the answer's own order helps the judge model read it: the mean
+  log-probability of its tokens, given the question, less that of the same sentences in reverse
+  order (shuffled, disordered text gains nothing from its order);
 - rubric: the judge model's expected 1-9 score (probability-weighted over the digit tokens) on
-  four criteria (completeness, coherence, non-repetition, relevance), averaged.
+  four criteria (completeness, coherence, non-repetition, relevance), averaged;
+- fluency (reported, weight 0): the plain mean log-probability. The judge model also writes the
+  full-cloud answers, greedily: its log-probability of its own greedy text is near the maximum
+  by construction (-0.26 nats per token on a cloud answer vs -1.39 on a progressive answer of
+  the same question, 2026-12-01 run; a greedy answer beats a sample of the same model at
+  temperature 0.8 by a margin that `self_preference` reports), so as a verdict signal it
+  measures "written by me", not quality. Coherence compares each answer with itself, which
+  cancels most of that.
 
 Each signal becomes a preference in [-1, 1] (tanh of the difference over its scale); the verdict
 is their weighted mean, a tie within TIE. `validate` checks the judge on full answers against
@@ -44,8 +52,9 @@ TIE = 0.05  # |preference| below this is a tie
 SIGNALS: dict[str, tuple[float, float]] = {
     "structure": (2.0, 1.0),  # defects (count)
     "completeness": (1.0, 0.05),  # coverage difference
-    "fluency": (1.0, 0.05),  # nats per token
+    "coherence": (1.0, 0.05),  # nats per token gained from the answer's own order
     "rubric": (1.0, 0.5),  # points on the 1-9 scale
+    "fluency": (0.0, 0.05),  # nats per token: reported, not weighed (self-preference, above)
 }
 _ITEM = re.compile(r"^\s*(\d{1,2})[.)]\s+", re.M)
 _SENTENCE = re.compile(r"(?<=[.!?])\s+|\n+")
@@ -97,6 +106,13 @@ def corrupt(answer: str, seed: int = 0) -> dict[str, str]:
     return out
 
 
+def reversed_sentences(answer: str) -> str:
+    """The answer's sentences (and list items) in reverse order: the coherence control."""
+    # a sentence end, not a list number ("4. Move"), or a line break
+    parts = [p for p in re.split(r"(?<=[.!?])(?<!\d\.)\s+|\n+", answer.strip()) if p.strip()]
+    return " ".join(reversed(parts))
+
+
 def defects(answer: str) -> dict[str, int]:
     """Structural faults any reader sees: cut off, sentences said twice, points that echo the
     list of points or repeat themselves."""
@@ -129,6 +145,7 @@ class Profile:
     rubric: dict[str, float]  # criterion → expected 1-9 score
     defects: dict[str, int] = field(default_factory=dict)
     tokens: int = 0
+    coherence: float = 0.0  # fluency less that of reversed_sentences(answer) (nats)
 
     @property
     def rubric_mean(self) -> float:
@@ -146,11 +163,15 @@ def profile(gen: TextGenerator, question: str, answer: str,
             cache: dict[str, dict[str, Any]] | None = None) -> Profile:
     """The answer's profile; `cache` (key → profile dict) is read and filled."""
     k = key(question, answer)
-    if cache is not None and k in cache:
+    if cache is not None and "coherence" in cache.get(k, {}):
         d = cache[k]
-        return Profile(answer, d["fluency"], d["rubric"], defects(answer), d.get("tokens", 0))
+        return Profile(answer, d["fluency"], d["rubric"], defects(answer), d.get("tokens", 0),
+                       d["coherence"])
     lm: LMScore = score_answer(gen, question, answer)
-    p = Profile(answer, lm.fluency, lm.rubric, defects(answer), len(lm.token_logprobs))
+    rev = reversed_sentences(answer)
+    control = lm.fluency if rev == answer else score_answer(gen, question, rev, {}).fluency
+    p = Profile(answer, lm.fluency, lm.rubric, defects(answer), len(lm.token_logprobs),
+                lm.fluency - control)
     if cache is not None:
         cache[k] = p.as_dict()
     return p
@@ -180,8 +201,9 @@ def compare(a: Profile, b: Profile) -> Comparison:
     diffs = {
         "structure": sum(b.defects.values()) - sum(a.defects.values()),
         "completeness": coverage(b.answer, a.answer) - coverage(a.answer, b.answer),
-        "fluency": a.fluency - b.fluency,
+        "coherence": a.coherence - b.coherence,
         "rubric": a.rubric_mean - b.rubric_mean,
+        "fluency": a.fluency - b.fluency,
     }
     signals = {s: math.tanh(d / SIGNALS[s][1]) for s, d in diffs.items()}
     pref = sum(SIGNALS[s][0] * v for s, v in signals.items()) / sum(
@@ -270,3 +292,31 @@ def summarize(rows: list[dict[str, Any]]) -> dict[str, Any]:
     report["trusted"] = "profile" if composite["passed"] else None
     report["rows"] = rows
     return report
+
+
+def self_preference(gen: TextGenerator, greedy: list[tuple[str, str]], sampled: list[str],
+                    cache: dict[str, dict[str, Any]] | None = None) -> dict[str, Any]:
+    """The judge model's own greedy answers (`greedy`: question, answer) against samples of the
+    same model on the same questions (`sampled`, e.g. temperature 0.8): each signal's mean gap
+    and the share of pairs where it prefers the greedy text. A signal that always prefers the
+    greedy text by a wide margin measures "the judge's own mode", and would hand every
+    comparison with the greedy full-cloud answer to it; the verdicts are reported too."""
+    rows: list[dict[str, Any]] = []
+    for (question, g), s in zip(greedy, sampled, strict=True):
+        pg, ps = profile(gen, question, g, cache), profile(gen, question, s, cache)
+        c = compare(pg, ps)
+        rows.append({"fluency_gap": pg.fluency - ps.fluency,
+                     "coherence_gap": pg.coherence - ps.coherence,
+                     "rubric_gap": pg.rubric_mean - ps.rubric_mean,
+                     "signals": c.signals, "verdict": c.verdict})
+    if not rows:
+        return {"pairs": 0}
+    return {
+        "pairs": len(rows),
+        "mean_gap": {k: statistics.fmean(r[f"{k}_gap"] for r in rows)
+                     for k in ("fluency", "coherence", "rubric")},
+        "prefers_greedy": {s: _share([r["signals"][s] > TIE for r in rows]) for s in SIGNALS},
+        "verdict": {v: _share([r["verdict"] == w for r in rows])
+                    for v, w in (("greedy", "first"), ("sampled", "second"), ("tie", "tie"))},
+        "rows": rows,
+    }

@@ -120,9 +120,12 @@ def dense_weights(gen: TextGenerator, dtype: torch.dtype = torch.bfloat16) -> It
 @torch.inference_mode()
 def score_answer(gen: TextGenerator, question: str, answer: str,
                  criteria: dict[str, str] | None = None) -> LMScore:
-    crit = criteria or CRITERIA
+    """`criteria`: None → CRITERIA; {} → the answer's token log-probabilities only (no rubric,
+    one prefill)."""
+    crit = CRITERIA if criteria is None else criteria
     prompts = {name: _split_prompt(gen, question, answer, text) for name, text in crit.items()}
-    prefix, start, _ = next(iter(prompts.values()))
+    prefix, start, _ = (next(iter(prompts.values())) if prompts else
+                        _split_prompt(gen, question, answer, next(iter(CRITERIA.values()))))
     suffixes = {name: s for name, (_, _, s) in prompts.items()}
     if getattr(gen, "engine", None) is None:
         answer_logits, last = _score_hf(gen, prefix, start, suffixes)
@@ -140,6 +143,9 @@ def _score_hf(gen: TextGenerator, prefix: list[int], start: int,
     model = gen.model  # type: ignore[attr-defined]
     device = next(model.parameters()).device
     last: dict[str, torch.Tensor] = {}
+    if not suffixes:
+        out = model(input_ids=torch.tensor([prefix], device=device)).logits[0]
+        return out[start - 1:len(prefix) - 1].float().cpu(), last  # [answer, vocab]
     answer_logits = torch.empty(0)
     for name, suffix in suffixes.items():
         out = model(input_ids=torch.tensor([prefix + suffix], device=device)).logits[0]
@@ -166,6 +172,8 @@ def _score_engine(gen: TextGenerator, prefix: list[int], start: int,
     meta = build_metadata([list(range(math.ceil(n / bs)))], [n], [n], bs, dev)
     hidden = model(torch.tensor(prefix, dtype=torch.long, device=dev), kv, meta)  # [n, hidden]
     answer_logits = model.compute_logits(hidden[start - 1:n - 1]).float().cpu()  # [ans, vocab]
+    if not names:
+        return answer_logits, {}
     tables, nxt = [], math.ceil(n / bs)
     for k in own:
         table = list(range(full)) + list(range(nxt, nxt + k))

@@ -30,7 +30,15 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
-from pice.bench.judge import Profile, compare, defects, items, profile, validate
+from pice.bench.judge import (
+    Profile,
+    compare,
+    defects,
+    items,
+    profile,
+    self_preference,
+    validate,
+)
 from pice.bench.judge_lm import dense_weights
 from pice.bench.progressive import load_questions, round_robin
 from pice.bench.quality_plot import plot
@@ -42,6 +50,7 @@ from pice.runtime import build_pipeline, load_generator
 from pice.shared.backend import TextGenerator
 from pice.shared.config import ServeSettings
 from pice.shared.models.cache import default_cache_dir
+from pice.shared.sampling import SamplingParams
 
 # phase → (mode, eager); None: the server's default (eager unless the edges share its cores)
 PHASES: dict[str, tuple[str, bool | None]] = {
@@ -78,6 +87,8 @@ class QualityConfig:
     pairwise_pairs: int = 0  # validation pairs also judged by the A/B prompt (baseline)
     judge_no_eager: bool = False  # also judge the non-eager answers (else timed only)
     latency_limit: int = 6  # questions also answered one at a time, timed only (0: none)
+    # the judge on its own greedy answers vs its samples at temperature 0.8 (validation items)
+    self_preference: bool = True
 
 
 @dataclass
@@ -318,8 +329,14 @@ def run_quality(cfg: QualityConfig, progress: bool = True) -> dict[str, Any]:
         judge_cache_file.write_text(json.dumps(jcache))
 
     t1 = time.perf_counter()
+    vitems = _validation_items(questions, answers["cloud"], cfg.validate_limit)
+    # the self-preference control: the same model's samples of the validation questions
+    # (decoded before the dense weights go in: those are for prefills)
+    samples = [c.text for c in gen.generate(
+        [gen.render_chat([{"role": "user", "content": q}]) for q, _ in vitems],
+        SamplingParams(max_tokens=cfg.max_tokens, temperature=0.8, seed=0))
+        ] if cfg.self_preference and vitems else []
     with dense_weights(gen):
-        vitems = _validation_items(questions, answers["cloud"], cfg.validate_limit)
 
         def partial(report: dict[str, Any]) -> None:
             save()
@@ -327,6 +344,9 @@ def run_quality(cfg: QualityConfig, progress: bool = True) -> dict[str, Any]:
                 {**report, "items": len(vitems), "partial": True}, indent=1))
 
         validation = validate(gen, vitems, jcache, cfg.pairwise_pairs, on_row=partial)
+        if samples:
+            validation["self_preference"] = self_preference(gen, vitems, samples, jcache)
+            save()
         validation.update(items=len(vitems), judge_model=settings.cloud_model,
                           seconds=time.perf_counter() - t1)
         (cfg.out_dir / "quality_judge.json").write_text(json.dumps(validation, indent=1))

@@ -24,6 +24,8 @@ from pice.shared.worker import CLOUD_WORKER_ID, ExpansionWorker
 log = logging.getLogger(__name__)
 
 Repair = tuple[ExpansionResult, list["CandidateScore"], str]  # (pick, scores, why)
+RETRY_SOURCES = 2  # a point to repair is sampled again on at most this many of its sources
+RETRY_TEMPERATURE = 0.8
 # EdgePool.dispatch: tasks and {task position: edge id} → results as they arrive
 Dispatch = Callable[[list[ExpansionTask], Mapping[int, str]], AsyncIterator[ExpansionResult]]
 
@@ -199,52 +201,72 @@ class PointExpander:
         stats.repaired.append({"index": index, "reason": why, "score": score, "by": by})
         log.info("guard: point %d (%s) repaired by %s", index, why, by)
 
+    def _retry_tasks(self, todo: list[Repair], base: dict[int, ExpansionTask], k: int
+                     ) -> list[ExpansionTask]:
+        """Per point to repair: one new candidate on each of the sources its candidates ran
+        (at most 2), sampled (temperature RETRY_TEMPERATURE, a seed of its own), and on the
+        next unused source. Greedy decoding of the same source would write the same text."""
+        sources = self.cfg.sources
+        used = sources[:max(1, min(k, RETRY_SOURCES))]
+        fresh = sources[k:k + 1] if k < len(sources) else []
+        tasks: list[ExpansionTask] = []
+        for r, _, _ in todo:
+            t = base[r.index]
+            if t.model is not None or t.adapter is not None:  # pinned by the client
+                continue
+            for j, src in enumerate([*used, *fresh]):
+                sampled = j < len(used)
+                tasks.append(t.model_copy(update={
+                    "candidate": k + j, "model": src.model, "adapter": src.adapter,
+                    "temperature": max(t.temperature, RETRY_TEMPERATURE) if sampled
+                    else t.temperature,
+                    "seed": (t.seed or 0) + 7919 * (j + 1) if sampled else t.seed}))
+        return tasks
+
     async def _retry_on_edges(self, todo: list[Repair], base: dict[int, ExpansionTask],
                               stats: EnsembleStats, dispatch: Dispatch, k: int
                               ) -> AsyncIterator[Picked]:
-        """Before the cloud: each point to repair once more on the edges, from the first
-        ensemble source its candidates did not use (k candidates ran sources 0..k-1). A retry
-        that is clean and passes the guard's verdict stands (removed from `todo`); the rest
-        stays for the cloud. An edge token costs about a third of a cloud token's compute, and
-        the cloud's repairs were the largest share of a progressive answer's work."""
-        sources = self.cfg.sources
-        if not self.cfg.guard.enabled or k >= len(sources):
+        """Before the cloud: each point to repair is expanded once more on the edges
+        (`_retry_tasks`, one batch). The best retry that is clean and passes the guard's
+        verdict stands (its item leaves `todo`); the rest stays for the cloud. An edge token
+        costs about a third of a cloud token's compute here, and the cloud's repairs were the
+        largest share of a progressive answer's time (9 repairs in 12 answers, +10-25 s each,
+        bench quality at concurrency 1)."""
+        if not self.cfg.guard.enabled:
             return
-        src = sources[k]
-        tasks = [base[r.index].model_copy(update={"candidate": k, "model": src.model,
-                                                  "adapter": src.adapter})
-                 for r, _, _ in todo
-                 if base[r.index].model is None and base[r.index].adapter is None]
+        tasks = self._retry_tasks(todo, base, k)
         if not tasks:
             return
-        got: dict[int, ExpansionResult] = {}
+        got: dict[int, list[ExpansionResult]] = {}
         try:
             async for r in dispatch(tasks, {}):
                 stats.edge_tokens += r.tokens
-                got[r.index] = r
+                got.setdefault(r.index, []).append(r)
         except Exception as exc:  # the cloud still repairs what did not come back
             log.info("guard: edge retry failed (%s); the cloud repairs", exc)
         for item in list(todo):
             r0, scores, why = item
-            retry = got.get(r0.index)
-            if retry is None:
-                continue
             task = base[r0.index]
             point = task.sketch[r0.index]
             others = [p for i, p in enumerate(task.sketch) if i != r0.index]
-            used, _ = clean(retry, point, others, stats.said)
-            if used is None:
+            usable = [u for u in (clean(r, point, others, stats.said)[0]
+                                  for r in got.get(r0.index, [])) if u is not None]
+            if not usable:
                 continue
-            _, [score] = await asyncio.to_thread(select, task.question, point, [used],
-                                                 self.embedder(), self.cfg.weights, others)
-            if score.drift > self.cfg.guard.max_drift or verdict(
-                    used, point, score.score, self.cfg.guard) is not None:
+            _, found = await asyncio.to_thread(select, task.question, point, usable,
+                                               self.embedder(), self.cfg.weights, others)
+            ok = [(rank_key(sc, body(u, point)), u, sc) for u, sc in zip(usable, found,
+                                                                          strict=True)
+                  if sc.drift <= self.cfg.guard.max_drift
+                  and verdict(u, point, sc.score, self.cfg.guard) is None]
+            if not ok:
                 continue
+            _, used, score = max(ok, key=lambda x: (x[0], -x[1].candidate))
             todo.remove(item)
             final = finish(used, point)
             stats.said.append(body(final, point))
             self._count(r0.index, why, score.score, used.worker, stats)
-            yield Picked(final, _section(final, [*scores, score], why))
+            yield Picked(final, _section(final, [*scores, *found], why))
 
     async def _repair(self, repairs: list[Repair], base: dict[int, ExpansionTask],
                       stats: EnsembleStats, dispatch: Dispatch | None = None, k: int = 1
@@ -263,10 +285,14 @@ class PointExpander:
         if not todo:
             return
         fixed: dict[int, ExpansionResult] = {}
-        if self.cloud_worker is not None and self.cfg.guard.enabled:
+        # a clean section that merely scores low keeps its text unless the guard is told to
+        # spend a cloud pass on it (garbage, empty and cut-off sections always get one)
+        cloud_todo = [(r, sc, why) for r, sc, why in todo
+                      if why != "low score" or self.cfg.guard.cloud_for_low_score]
+        if self.cloud_worker is not None and self.cfg.guard.enabled and cloud_todo:
             tasks = [base[r.index].model_copy(update={
                 "max_tokens": int(base[r.index].max_tokens * self.cfg.guard.repair_token_factor),
-                "model": None, "adapter": None, "candidate": 0}) for r, _, _ in todo]
+                "model": None, "adapter": None, "candidate": 0}) for r, _, _ in cloud_todo]
             fixed = {r.index: r for r in
                      await asyncio.to_thread(self.cloud_worker.expand, tasks)}
         for r, scores, why in todo:

@@ -29,7 +29,10 @@ class GuardConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
     enabled: bool = True  # False: sections pass through untouched (scores still computed)
     threshold: float = Field(0.4, ge=0.0, le=1.0)  # combined selection score below → repair
-    repair_token_factor: float = Field(1.5, ge=1.0, le=8.0)  # cloud budget vs the edge's
+    repair_token_factor: float = Field(1.0, ge=1.0, le=8.0)  # cloud budget vs the edge's
+    # a clean section under `threshold` that no edge retry beat: rewritten by the cloud
+    # (True) or kept (False: a cloud pass costs 10-25 s of a 2-core machine)
+    cloud_for_low_score: bool = False
     # off point: the text is this much closer (MiniLM cosine) to another point than to its own
     max_drift: float = Field(0.1, ge=0.0, le=2.0)
 

@@ -18,6 +18,8 @@ from pice.bench.judge import (
     defects,
     key,
     profile,
+    reversed_sentences,
+    self_preference,
     summarize,
     validate,
 )
@@ -65,8 +67,10 @@ def test_structure_checks_find_each_defect_and_pass_the_full_answer() -> None:
     assert defects(bullets)["echo"] == 0
 
 
-def _profile(answer: str, fluency: float = -1.0, rubric: float = 6.0) -> Profile:
-    return Profile(answer, fluency, dict.fromkeys(CRITERIA, rubric), defects(answer))
+def _profile(answer: str, fluency: float = -1.0, rubric: float = 6.0,
+             coherence: float = 0.2) -> Profile:
+    return Profile(answer, fluency, dict.fromkeys(CRITERIA, rubric), defects(answer),
+                   coherence=coherence)
 
 
 def test_comparison_is_antisymmetric_and_defects_lose() -> None:
@@ -79,10 +83,22 @@ def test_comparison_is_antisymmetric_and_defects_lose() -> None:
         if kind != "shuffled":  # equal LM scores here: the text alone decides
             assert fwd.verdict == "first" and rev.verdict == "second", kind
     # the language-model signals decide when the text does not
-    same = compare(_profile(FULL, fluency=-0.5), _profile(FULL, fluency=-0.9))
+    same = compare(_profile(FULL, coherence=0.3), _profile(FULL, coherence=0.1))
     assert same.verdict == "first" and same.signals["completeness"] == pytest.approx(0)
+    same = compare(_profile(FULL, rubric=7.0), _profile(FULL, rubric=5.0))
+    assert same.verdict == "first"
+    # plain fluency is reported, never weighed: the judge wrote the greedy reference itself
+    own = compare(_profile(FULL, fluency=-0.2), _profile(FULL, fluency=-1.4))
+    assert own.signals["fluency"] > 0.9 and own.verdict == "tie"
     tie = compare(_profile(FULL), _profile(FULL))
     assert tie.verdict == "tie" and tie.preference == pytest.approx(0, abs=1e-6)
+
+
+def test_reversed_sentences_is_the_coherence_control() -> None:
+    rev = reversed_sentences(FULL)
+    assert rev.startswith("4. Move every day") and rev.endswith("Good sleep comes from habits.")
+    assert sorted(rev.split()) == sorted(FULL.split())
+    assert reversed_sentences("One sentence only.") == "One sentence only."
 
 
 def test_engine_scores_match_transformers(tiny_model_dir: Path) -> None:
@@ -99,6 +115,12 @@ def test_engine_scores_match_transformers(tiny_model_dir: Path) -> None:
         for c in CRITERIA:
             assert 1 <= ours.rubric[c] <= 9
             assert ours.rubric[c] == pytest.approx(ref.rubric[c], abs=1e-3)
+        # no criteria: the same answer log-probabilities from one prefill, no rubric
+        for gen in (engine, hf):
+            plain = score_answer(gen, QUESTION, answer, {})
+            assert plain.rubric == {}
+            assert torch.allclose(torch.tensor(plain.token_logprobs),
+                                  torch.tensor(ref.token_logprobs), atol=1e-3)
 
 
 def test_dense_weights_swap_in_and_restore(tiny_model_dir: Path) -> None:
@@ -136,6 +158,23 @@ def test_validate_counts_both_orders_and_position(tiny_model_dir: Path) -> None:
     again = validate(gen, [(QUESTION, FULL)], cache)
     assert [r["preference"] for r in again["rows"]] == [r["preference"] for r in report["rows"]]
     assert profile(gen, QUESTION, FULL, cache).fluency == cache[key(QUESTION, FULL)]["fluency"]
+    # coherence: the answer's log-probability less its reversed sentences' (random model: any
+    # sign, but measured, and cached beside the rest)
+    p = profile(gen, QUESTION, FULL, cache)
+    assert p.coherence == cache[key(QUESTION, FULL)]["coherence"] != 0.0
+
+
+def test_self_preference_reports_each_signal_on_greedy_vs_sampled(tiny_model_dir: Path) -> None:
+    gen = HFGenerator(str(tiny_model_dir), max_context=1024)
+    out = corrupt(FULL)
+    report = self_preference(gen, [(QUESTION, FULL), (QUESTION, out["point removed"])],
+                             [out["truncated"], FULL])
+    assert report["pairs"] == 2 and set(report["prefers_greedy"]) == set(SIGNALS)
+    assert set(report["mean_gap"]) == {"fluency", "coherence", "rubric"}
+    assert sum(report["verdict"].values()) == pytest.approx(1.0)
+    first = report["rows"][0]  # a full answer vs its truncation: structure and verdict agree
+    assert first["signals"]["structure"] > 0 and first["verdict"] == "first"
+    assert self_preference(gen, [], []) == {"pairs": 0}
 
 
 def test_summary_position_bias_accounting() -> None:

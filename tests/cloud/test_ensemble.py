@@ -157,3 +157,37 @@ def test_edges_on_the_cloud_cores_get_a_smaller_ensemble_after_the_sketch(
     assert a.batches == [3] and b.batches == []  # one batch of every point, first source only
     pipeline.eager = True  # asked for: eager all the same
     assert pipeline.eager_now()
+
+
+def test_shared_cpu_ensemble_only_while_no_other_request_runs(
+        sketch_model_dir: Path, tiny_model_dir: Path, second_edge_dir: Path) -> None:
+    """Edges on the cloud's cores have room for a second candidate only while nothing else
+    runs: a request planned while another is being answered gets one candidate per point, and
+    the next one on the idle server gets the ensemble again."""
+    cloud = HFGenerator(str(sketch_model_dir), max_context=1024)
+    a, b = CountingGenerator(str(tiny_model_dir)), CountingGenerator(str(second_edge_dir))
+    cfg = EnsembleConfig(sources=[Source(model=a.name), Source(model=b.name)],
+                         guard=GuardConfig(enabled=False))
+    pipeline = Pipeline(cloud, EdgePool([EdgeWorker("ea", a), EdgeWorker("eb", b)]),
+                        PolicyConfig(), Metrics(), ensemble=cfg, shared_cpu_ensemble=2)
+
+    def req(rid: str) -> AnswerRequest:
+        return AnswerRequest(rid, [{"role": "user", "content": SKETCH_QUESTIONS[0]}],
+                             max_tokens=60, mode="progressive")
+
+    async def scenario() -> tuple[list[int], list[Event]]:
+        first = await pipeline.plan(req("r1"))
+        events = pipeline.execute(first)
+        got = [await events.__anext__()]  # r1 is being answered
+        during = await pipeline.plan(req("r2"))
+        got += [ev async for ev in events]
+        after = await pipeline.plan(req("r3"))
+        assert first.decision and during.decision and after.decision
+        return [first.decision.ensemble, during.decision.ensemble,
+                after.decision.ensemble], got
+
+    ks, events = asyncio.run(scenario())
+    assert ks == [2, 1, 2]
+    done = events[-1]
+    assert isinstance(done, DoneEvent) and done.ensemble == 2
+    assert pipeline.busy == 0

@@ -78,7 +78,8 @@ def pipeline(models: tuple[HFGenerator, HFGenerator], guard: GuardConfig,
 
 
 def test_points_under_the_threshold_are_rewritten_by_the_cloud(models) -> None:  # type: ignore[no-untyped-def]
-    p, metrics = pipeline(models, GuardConfig(threshold=1.0))  # nothing an edge writes passes
+    # nothing an edge writes passes, and the guard is told to spend cloud passes on low scores
+    p, metrics = pipeline(models, GuardConfig(threshold=1.0, cloud_for_low_score=True))
     events = run(p, SKETCH_QUESTIONS[0])
     sections = [e for e in events if isinstance(e, SectionEvent)]
     done = events[-1]
@@ -102,6 +103,19 @@ def test_points_under_the_threshold_are_rewritten_by_the_cloud(models) -> None: 
         assert text.strip() or (s.text.endswith(".") and len(s.text) > 1)
         assert s.tokens < 2 * (60 // 3) or text.rstrip()[-1] in ".!?…\"')]"
     assert done.tokens["edge"] > 0  # the edge's work is counted though it lost
+
+
+def test_low_scores_keep_their_edge_text_by_default(models) -> None:  # type: ignore[no-untyped-def]
+    """A clean section under the threshold is retried on the edges (sampled) and otherwise
+    keeps its edge text: no cloud pass (those go to garbage, empty and cut-off sections)."""
+    p, _ = pipeline(models, GuardConfig(threshold=1.0))
+    events = run(p, SKETCH_QUESTIONS[0])
+    done = events[-1]
+    assert isinstance(done, DoneEvent) and done.mode == "progressive"
+    low = [r for r in done.repaired if r["reason"] == "low score"]
+    assert all(r["by"] == "kept" for r in low)
+    assert all(s.worker != CLOUD_WORKER_ID for s in done.sections
+               if s.index in {r["index"] for r in low})
 
 
 def test_disabled_guard_passes_edge_sections_through(models) -> None:  # type: ignore[no-untyped-def]
@@ -153,3 +167,58 @@ def test_sections_over_sse_carry_scores_and_source(server) -> None:  # type: ign
     plain = httpx.post(f"{server.url}/v1/progressive", json={**body, "stream": False},
                        timeout=120).json()
     assert plain["ensemble"] == 1 and all(s["candidates"] for s in plain["sections"])
+
+
+ECHO_SKETCH = ["Set up a dedicated workspace", "Prioritize tasks", "Use productivity tools",
+               "Take breaks", "Stay organized"]
+ECHO = "Stay organized: Prioritize tasks 2. Use productivity tools 3. Take breaks 4. Stay organized"
+CLEAN = ("Stay organized: Keep your desk, files and calendar in order so that you spend less "
+         "time searching for things. A tidy space also makes it easier to focus on one task at "
+         "a time while working from home.")
+
+
+@pytest.mark.parametrize("retry_text", [CLEAN, ECHO])
+def test_garbage_is_retried_on_the_next_edge_source_before_the_cloud(retry_text: str) -> None:
+    """One candidate per point (source 0) echoes the sketch, the README's own garbage section:
+    the point is expanded once more on the edges, by source 0 sampled and by source 1. A
+    clean retry stands (no cloud pass, counted with the retry's worker); a retry that is
+    garbage too leaves the point to the next step (here no cloud worker: its title)."""
+    from collections.abc import AsyncIterator, Mapping
+
+    from pice.cloud.ensemble import EnsembleStats, PointExpander, Source
+    from pice.shared.protocol import ExpansionTask
+
+    metrics = Metrics()
+    sources = [Source(model="m0", adapter="expander"), Source(model="m1")]
+    expander = PointExpander(EnsembleConfig(sources=sources, k=1, guard=GuardConfig()), metrics,
+                             None)
+    task = ExpansionTask(request_id="r", question="How can I stay focused working from home?",
+                         sketch=ECHO_SKETCH, index=4, max_tokens=64)
+    asked: list[tuple[str | None, str | None, int]] = []
+
+    async def dispatch(tasks: list[ExpansionTask], where: Mapping[int, str]
+                       ) -> AsyncIterator[ExpansionResult]:
+        for t in tasks:
+            asked.append((t.model, t.adapter, t.candidate))
+            text = ECHO if t.model == "m0" else retry_text
+            yield ExpansionResult(request_id="r", index=t.index, candidate=t.candidate,
+                                  text=text, worker=f"edge-{t.model}", model=t.model or "",
+                                  adapter=t.adapter, tokens=30, mean_logprob=-0.3,
+                                  finish_reason="stop", seconds=0.1)
+
+    stats = EnsembleStats()
+
+    async def collect() -> list[ExpansionResult]:
+        return [p.result async for p in expander.expand_points(dispatch, [task], 1, [], stats)]
+
+    [final] = asyncio.run(collect())
+    # the retries, one batch: the source that ran, sampled, and the next unused source
+    assert asked == [("m0", "expander", 0), ("m0", "expander", 1), ("m1", None, 2)]
+    assert stats.edge_tokens == 90 and len(stats.repaired) == 1
+    assert stats.repaired[0]["reason"] == "echo"
+    assert metrics.guard_repairs.labels("echo")._value.get() == 1
+    if retry_text == CLEAN:
+        assert final.text == CLEAN and final.worker == "edge-m1"
+        assert stats.repaired[0]["by"] == "edge-m1"
+    else:
+        assert final.text == "Stay organized." and stats.repaired[0]["by"] == "title"
