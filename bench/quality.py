@@ -3,9 +3,10 @@ ensemble of edge candidates with the distilled adapter, quality guard) against f
 of the same questions, judged by a judge that first passed its validation.
 
 1. Answers: one real server in this process (bench/quality_serve.py), `concurrency` requests in
-   flight, three phases — `cloud` (full answer), `progressive` (eager dispatch: a point expands
-   as soon as its sketch line is complete) and `progressive-no-eager` (points dispatched once
-   the sketch is complete) — every answer cached as JSON in <cache>/bench-quality/.
+   flight (at concurrency 1 the phases alternate question by question), three phases — `cloud`
+   (full answer), `progressive` (eager dispatch: a point expands as soon as its sketch line is
+   complete) and `progressive-no-eager` (points dispatched once the sketch is complete) — every
+   answer cached as JSON in <cache>/bench-quality/.
 2. Judge validation (bench/judge.py) on the first `validate_limit` complete, listed full-cloud
    answers: each against its truncated, shuffled, point-removed, echoed and duplicated copy, in
    both orders; quality_judge.json.
@@ -157,6 +158,17 @@ def _answers(cfg: QualityConfig, settings: ServeSettings, questions: list[dict[s
         pipeline.expander.cfg = ens.model_copy(update={"sources": sources, "k": len(sources)})
     server = Server(settings, pipeline)
     try:
+        if cfg.concurrency == 1:
+            # one at a time: the phases alternate question by question (cloud first on even
+            # questions, last on odd ones), so a slow spell of the machine (seen: 20-40% over
+            # tens of minutes on the same answers) weighs on both sides alike
+            main = [p for p in phases if p not in LATENCY_PHASES]
+            for j, q in enumerate(tqdm(questions, desc="answers (alternating)",
+                                       unit="question", disable=not progress)):
+                for p in (main if j % 2 == 0 else main[::-1]):
+                    mode, eager = PHASES[p]
+                    out[p] = generate(server, [q], p, mode, eager, paths[p], cfg.max_tokens,
+                                      cfg.max_points, 1, progress=False)
         for p in phases:
             mode, eager = PHASES[p]
             out[p] = generate(server, asked[p], p, mode, eager, paths[p], cfg.max_tokens,

@@ -113,7 +113,8 @@ def generate(server: Server, questions: list[dict[str, Any]], phase: str, mode: 
                             break
                         errors.append(f"{q['id']}: {r.status_code}")
                     r.raise_for_status()
-                    done[q["id"]] = _record(r.json(), time.perf_counter() - t0)
+                    done[q["id"]] = {**_record(r.json(), time.perf_counter() - t0),
+                                     "finished_at": time.time()}  # wall clock (run order)
                     path.write_text(json.dumps(done, indent=1))  # kept as each one lands
                     bar.update(1)
             await asyncio.gather(*(one(q) for q in todo))

@@ -204,11 +204,13 @@ class PointExpander:
     def _retry_tasks(self, todo: list[Repair], base: dict[int, ExpansionTask], k: int
                      ) -> list[ExpansionTask]:
         """Per point to repair: one new candidate on each of the sources its candidates ran
-        (at most 2), sampled (temperature RETRY_TEMPERATURE, a seed of its own), and on the
-        next unused source. Greedy decoding of the same source would write the same text."""
+        (at most RETRY_SOURCES), sampled (temperature RETRY_TEMPERATURE, a seed of its own),
+        and, while fewer ran, on the next unused source. Greedy decoding of the same source
+        would write the same text; the default third source (gemma-3-270m) mostly writes the
+        bare title, so it is not asked once two sources ran."""
         sources = self.cfg.sources
         used = sources[:max(1, min(k, RETRY_SOURCES))]
-        fresh = sources[k:k + 1] if k < len(sources) else []
+        fresh = sources[k:k + 1] if k < min(len(sources), RETRY_SOURCES) else []
         tasks: list[ExpansionTask] = []
         for r, _, _ in todo:
             t = base[r.index]

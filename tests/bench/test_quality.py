@@ -64,3 +64,29 @@ def test_quality_bench_on_tiny_models(sketch_model_dir: Path, tiny_model_dir: Pa
     again = run_quality(cfg, progress=False)
     assert [(r["id"], r["variant"], r["preference"]) for r in again["rows"]] == [
         (r["id"], r["variant"], r["preference"]) for r in rows]
+
+
+def test_one_at_a_time_alternates_the_phases(sketch_model_dir: Path, tiny_model_dir: Path,
+                                             tmp_path: Path) -> None:
+    """At concurrency 1 the phases alternate question by question (a slow spell of the machine
+    then weighs on both sides): cloud first on even questions, last on odd ones."""
+    questions = tmp_path / "q.jsonl"
+    questions.write_text("".join(json.dumps({"id": f"t{i}", "category": "generic",
+                                             "question": q, "suits_sketch": True}) + "\n"
+                                 for i, q in enumerate(SKETCH_QUESTIONS[:3])))
+    cfg = QualityConfig(cloud_model=str(sketch_model_dir), edge_models=[str(tiny_model_dir)],
+                        limit=3, max_tokens=48, max_points=3, out_dir=tmp_path / "out",
+                        cache_dir=tmp_path / "cache", questions=questions, concurrency=1,
+                        latency_limit=0, eager_compare=False, judge=False)
+    result = run_quality(cfg, progress=False)
+    cached = {p.name.rsplit("-", 1)[0]: json.loads(p.read_text())
+              for p in (tmp_path / "cache" / "bench-quality").glob("*.json")}
+    assert set(cached) == {"cloud", "progressive"}
+    ids = [f"t{i}" for i in range(len(SKETCH_QUESTIONS[:3]))]
+    assert len(ids) >= 2
+    for phase in cached.values():
+        assert set(ids) <= set(phase)
+    for j, i in enumerate(ids):
+        cloud_first = cached["cloud"][i]["finished_at"] < cached["progressive"][i]["finished_at"]
+        assert cloud_first == (j % 2 == 0), i
+    assert result["timing"]["cloud"]["questions"] == len(ids)
