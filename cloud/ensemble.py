@@ -273,10 +273,11 @@ class PointExpander:
     async def _repair(self, repairs: list[Repair], base: dict[int, ExpansionTask],
                       stats: EnsembleStats, dispatch: Dispatch | None = None, k: int = 1
                       ) -> AsyncIterator[Picked]:
-        """The guard's points: first retried once on the edges with an ensemble source not yet
-        used (`dispatch`; `k` candidates ran), then what is still wrong re-expanded by the cloud
-        model in one batch (when the guard is on and there is a cloud worker); whatever comes
-        back is cleaned and finished at a sentence end, and a point with nothing usable left
+        """The guard's points: first expanded once more on the edges (`_retry_tasks` through
+        `dispatch`; `k` candidates ran), then what is still wrong, low scores aside unless
+        `cloud_for_low_score`, re-expanded by the cloud model in one batch (when the guard is on
+        and there is a cloud worker); whatever comes back is cleaned and finished at a sentence
+        end; a low score no one beat keeps its edge text, and a point with nothing usable left
         keeps only its title."""
         if not repairs:
             return

@@ -1,9 +1,11 @@
 """Quality guard: a point whose best candidate is garbage (echoes the sketch, writes another
 point, repeats itself, restates its title, says a sentence another section already said:
 garbage.py; or drifts off its point), empty, cut off
-(hit its token budget without ending a sentence) or scores under the threshold is re-expanded by
-the cloud model; whatever comes back is cleaned the same way and finished at a sentence end, so
-no answer carries a garbage, empty or cut-off section (the point's title stands in last)."""
+(hit its token budget without ending a sentence) or scores under the threshold is expanded once
+more on the edges (sampled), then, if still wrong, re-expanded by the cloud model (a low score
+only when `cloud_for_low_score`; otherwise its clean edge text stands); whatever comes back is
+cleaned the same way and finished at a sentence end, so no answer carries a garbage, empty or
+cut-off section (the point's title stands in last)."""
 
 from __future__ import annotations
 

@@ -133,17 +133,28 @@ def test_ensemble_runs_on_an_idle_server_without_pinning(
     assert sum(a.batches) == sum(b.batches) == 3
 
 
-def test_edges_on_the_cloud_cores_get_a_smaller_ensemble_after_the_sketch(
-        sketch_model_dir: Path, tiny_model_dir: Path, second_edge_dir: Path) -> None:
-    """Every edge in this process: by default (eager=None) the points go out in one dispatch
-    once the sketch is done (eager expansions would take the sketch's cores), and an idle
-    server's ensemble is capped at shared_cpu_ensemble candidates per point."""
+def shared_cpu_pipeline(sketch_model_dir: Path, tiny_model_dir: Path, second_edge_dir: Path,
+                        shared_cpu_ensemble: int
+                        ) -> tuple[Pipeline, CountingGenerator, CountingGenerator]:
+    """Two tiny edge models in this process (so they share the cloud's cores), one ensemble
+    source each, guard off."""
     cloud = HFGenerator(str(sketch_model_dir), max_context=1024)
     a, b = CountingGenerator(str(tiny_model_dir)), CountingGenerator(str(second_edge_dir))
     cfg = EnsembleConfig(sources=[Source(model=a.name), Source(model=b.name)],
                          guard=GuardConfig(enabled=False))
     pipeline = Pipeline(cloud, EdgePool([EdgeWorker("ea", a), EdgeWorker("eb", b)]),
-                        PolicyConfig(), Metrics(), ensemble=cfg, shared_cpu_ensemble=1)
+                        PolicyConfig(), Metrics(), ensemble=cfg,
+                        shared_cpu_ensemble=shared_cpu_ensemble)
+    return pipeline, a, b
+
+
+def test_edges_on_the_cloud_cores_get_a_smaller_ensemble_after_the_sketch(
+        sketch_model_dir: Path, tiny_model_dir: Path, second_edge_dir: Path) -> None:
+    """Every edge in this process: by default (eager=None) the points go out in one dispatch
+    once the sketch is done (eager expansions would take the sketch's cores), and an idle
+    server's ensemble is capped at shared_cpu_ensemble candidates per point."""
+    pipeline, a, b = shared_cpu_pipeline(sketch_model_dir, tiny_model_dir, second_edge_dir,
+                                         1)
     assert pipeline.edges_share_cpu() and not pipeline.eager_now()
     req = AnswerRequest("r1", [{"role": "user", "content": SKETCH_QUESTIONS[0]}], max_tokens=60,
                         mode="progressive")
@@ -164,12 +175,8 @@ def test_shared_cpu_ensemble_only_while_no_other_request_runs(
     """Edges on the cloud's cores have room for a second candidate only while nothing else
     runs: a request planned while another is being answered gets one candidate per point, and
     the next one on the idle server gets the ensemble again."""
-    cloud = HFGenerator(str(sketch_model_dir), max_context=1024)
-    a, b = CountingGenerator(str(tiny_model_dir)), CountingGenerator(str(second_edge_dir))
-    cfg = EnsembleConfig(sources=[Source(model=a.name), Source(model=b.name)],
-                         guard=GuardConfig(enabled=False))
-    pipeline = Pipeline(cloud, EdgePool([EdgeWorker("ea", a), EdgeWorker("eb", b)]),
-                        PolicyConfig(), Metrics(), ensemble=cfg, shared_cpu_ensemble=2)
+    pipeline, _, _ = shared_cpu_pipeline(sketch_model_dir, tiny_model_dir, second_edge_dir,
+                                         2)
 
     def req(rid: str) -> AnswerRequest:
         return AnswerRequest(rid, [{"role": "user", "content": SKETCH_QUESTIONS[0]}],
