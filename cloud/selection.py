@@ -16,8 +16,10 @@ from pice.shared.protocol import ExpansionResult
 
 MIN_WORDS = 10  # texts shorter than this many words get a proportionally lower score: a
 # section should explain its point (two sentences), not restate it in a few words
-EXPLAIN_WORDS = 24  # ranking: a candidate under this many words ranks lower (sqrt of the
-# share); past it length earns nothing, so padding never wins (and a repeat is garbage anyway)
+EXPLAIN_WORDS = 32  # ranking: a candidate under this many words ranks lower (sqrt of the
+# share); past it length earns nothing, so padding never wins (and a repeat is garbage anyway).
+# About two sentences: a one-sentence section (the adapter's ~25 words) states its point, two
+# explain it, and answers made of one-sentence sections read as lists of claims
 
 
 class SelectionWeights(BaseModel):

@@ -23,6 +23,10 @@ _NUMBERED = re.compile(r"^\s*(?:\*\*)?(?:step\s+)?(\d{1,2})\s*[.):]\s*(?:\*\*)?\
 _BULLET = re.compile(r"^\s*[-*•]\s+(.+?)\s*$")
 _MARKUP = re.compile(r"[*_`#]+")
 _INLINE_ITEM = re.compile(r"\s+\d{1,2}[.)]\s+(?=[A-Z])")
+# "Advantages: flexibility, no commute, better balance": a comparison's sketch as labeled lines
+# (the 1.5B wrote 2 of 5 comparison sketches so, 2026-12-02); each item becomes a point
+_LABELED = re.compile(r"^\s*(?:\*\*)?([A-Za-z][\w' -]{0,30}?)(?:\*\*)?\s*:\s*(?:\*\*)?\s*(.+?)\s*$")
+_LABEL_WORDS = 3  # a label is a heading ("Pros", "Working remotely"), not a sentence
 
 
 def sketch_messages(question: str, max_points: int, words_per_point: int,
@@ -51,6 +55,33 @@ def _clean(point: str, words_per_point: int) -> str:
     return point.strip(" .,;:-")
 
 
+def _singular(label: str) -> str:
+    """"Advantages" → "advantage", "Cons" → "con"; other labels ("renting") as they are."""
+    word = label.strip().lower()
+    if word.endswith("ies") and len(word) > 4:
+        return word[:-3] + "y"
+    if word.endswith("s") and not word.endswith("ss") and len(word) > 3:
+        return word[:-1]
+    return word
+
+
+def _labeled_items(line: str, words_per_point: int) -> list[str]:
+    """"Label: a, b, c" → ["a (label)", "b (label)", "c (label)"]; [] unless the line is a short
+    label over two or more short comma-separated items (a sentence after a colon is no list)."""
+    m = _LABELED.match(line)
+    if m is None or len(m.group(1).split()) > _LABEL_WORDS:
+        return []
+    parts = [p.strip(" .") for p in re.split(r"[,;]", m.group(2))]
+    parts = [re.sub(r"^(?:and|or)\s+", "", p) for p in parts if p]
+    if len(parts) >= 2 and " and " in parts[-1]:  # "a, b and c"
+        parts[-1:] = parts[-1].split(" and ", 1)
+    if len(parts) < 2 or any(len(p.split()) > 2 * words_per_point or re.search(r"[.!?]\s", p)
+                             for p in parts):
+        return []
+    label = _singular(_MARKUP.sub("", m.group(1)))
+    return [f"{p[0].upper()}{p[1:]} ({label})" for p in parts]
+
+
 def _split_inline(item: str) -> list[str]:
     """"Prioritize tasks 2. Use tools 3. Take breaks" (several items on one line) → the items."""
     return [p for p in _INLINE_ITEM.split(item) if p.strip()]
@@ -60,7 +91,8 @@ def parse_sketch(text: str, max_points: int, words_per_point: int = 5,
                  min_points: int = 2) -> list[str]:
     """Points of an outline, in order; [] when fewer than `min_points` usable points came back.
 
-    The first item's style (numbered or bullets) wins; extra prose is ignored; several items
+    The first item's style (numbered, bullets, or labeled lines of comma-separated items:
+    "Pros: a, b" → "A (pro)", "B (pro)") wins; extra prose is ignored; several items
     run together on one line are split; duplicates (case and punctuation aside) are dropped; the
     list is capped at `max_points`."""
     stream = SketchStream(max_points, words_per_point, min_points)
@@ -81,7 +113,7 @@ class SketchStream:
         self.min_points = min_points
         self.points: list[str] = []
         self._buffer = ""
-        self._style: str | None = None  # "numbered" | "bullets", fixed by the first item
+        self._style: str | None = None  # "numbered" | "bullets" | "labeled": the first item's
         self._seen: set[str] = set()
 
     @property
@@ -102,12 +134,17 @@ class SketchStream:
     def _line(self, line: str) -> list[str]:
         m = _NUMBERED.match(line)
         b = _BULLET.match(line) if m is None else None
+        labeled = (_labeled_items(line, self.words_per_point)
+                   if m is None and b is None and self._style in (None, "labeled") else [])
         if m is not None and self._style in (None, "numbered"):
             self._style = "numbered"
             items = _split_inline(m.group(2))
         elif b is not None and self._style in (None, "bullets"):
             self._style = "bullets"
             items = [b.group(1)]
+        elif labeled:
+            self._style = "labeled"
+            items = labeled
         else:
             return []
         new: list[str] = []

@@ -39,6 +39,13 @@ _EXAMPLE_REPLY = ("2. Wake up at a fixed time: Getting up at the same time every
                   "then start on schedule instead of with a scramble.")
 # Generation ends at a new line or an item marker: past them a small model writes other points.
 STOPS = ("\n", *(f" {n}. " for n in range(1, 11)), *(f" {n}) " for n in range(1, 11)))
+# A section may not end (EOS) before this many tokens, nor before half its budget: the distilled
+# adapter ends after one sentence (29 tokens, 24.7 words on 36 points of 6 bench questions, the
+# engine, 2026-12-02); held to 24 tokens it writes a second one that explains (35.6 tokens, 30.3
+# words). One-sentence sections are what makes a progressive answer read as a list of claims:
+# the judge's coherence of 7 full-cloud answers fell from 0.54 to 0.27 nats per token with only
+# each item's first sentence kept. Stop strings still end a section.
+MIN_SECTION_TOKENS = 32
 
 
 def expansion_messages(task: ExpansionTask, few_shot: bool = False) -> list[dict[str, str]]:
@@ -127,8 +134,11 @@ class EdgeWorker:
         prompts = [self.generator.render_chat(expansion_messages(t, few_shot), assistant_prefix(t))
                    for t in tasks]
         first = tasks[0]
-        params = SamplingParams(max_tokens=max(t.max_tokens for t in tasks),
-                                temperature=first.temperature, seed=first.seed, stop=STOPS)
+        budget = max(t.max_tokens for t in tasks)
+        params = SamplingParams(max_tokens=budget, temperature=first.temperature,
+                                seed=first.seed, stop=STOPS,
+                                min_tokens=min(MIN_SECTION_TOKENS,
+                                               min(t.max_tokens for t in tasks) // 2))
         self.inflight += len(tasks)
         start = time.perf_counter()
         try:

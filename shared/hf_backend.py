@@ -59,6 +59,8 @@ class HFGenerator(ChatBackedGenerator):
             kw.update(temperature=None, top_p=None, top_k=None)
         if params.ignore_eos:
             kw.update(min_new_tokens=params.max_tokens)
+        elif params.min_tokens:  # transformers masks eos_token_id (stop ids included) as well
+            kw.update(min_new_tokens=params.min_tokens)
         if params.stop:
             kw.update(stop_strings=list(params.stop), tokenizer=self.tokenizer)
         return kw

@@ -17,6 +17,7 @@ class SamplingParams:
     stop: tuple[str, ...] = ()  # generation ends before the first of these strings
     stop_token_ids: tuple[int, ...] = ()  # extra tokens that end generation (besides EOS)
     ignore_eos: bool = False  # run to max_tokens (benchmarks)
+    min_tokens: int = 0  # EOS and stop_token_ids cannot be chosen before this many (vLLM's)
     top_logprobs: int = 0  # also keep the N most likely tokens per step (OpenAI's top_logprobs)
 
     def __post_init__(self) -> None:
@@ -32,6 +33,9 @@ class SamplingParams:
         if not 0 <= self.top_logprobs <= 20:
             raise BadRequestError(f"top_logprobs must be in [0, 20], got {self.top_logprobs}",
                                   field="top_logprobs")
+        if not 0 <= self.min_tokens <= self.max_tokens:
+            raise BadRequestError(f"min_tokens must be in [0, max_tokens={self.max_tokens}], "
+                                  f"got {self.min_tokens}", field="min_tokens")
         if self.top_k < 0:
             raise BadRequestError(f"top_k must be >= 0, got {self.top_k}", field="top_k")
         if self.seed is not None and not -(2**63) <= self.seed < 2**64:  # a torch generator's

@@ -73,7 +73,7 @@ class VLLMGenerator(ChatBackedGenerator):
                        top_p=params.top_p, top_k=params.top_k if params.top_k > 0 else -1,
                        seed=params.seed, stop=list(params.stop) or None,
                        stop_token_ids=list(params.stop_token_ids) or None,
-                       ignore_eos=params.ignore_eos)
+                       ignore_eos=params.ignore_eos, min_tokens=params.min_tokens)
 
     def _lora(self, adapter: str | None) -> Any:
         if adapter is None:

@@ -37,6 +37,8 @@ class GroupGenerator(ChatBackedGenerator):
             raise GroupUnavailableError("the group's stage is not running")
         ids = self.chat.encode(prompt)
         self.chat.check_fits(len(ids), params.max_tokens)
+        # min_tokens is a length hint (the expander's): the last stage samples from the group
+        # wire's per-row fields, which do not carry it, so a group may end a section sooner
         on_done = (lambda _s: done.put(i)) if done is not None else None
         try:
             return self.node.submit(ids, params, on_done)

@@ -80,11 +80,16 @@ class LLMEngine:
                 f"{self.blocks.num_blocks}; raise kv_cache_gb or lower max_tokens",
                 field="max_tokens")
         if adapter is None:
-            return Sequence(prompt_ids, params)
-        uid = self.pool.use(adapter)  # NotFoundError for an unknown name
-        info = self.pool.info(adapter)
-        groups = frozenset(GROUP_OF[p][0] for p in info.target_modules)
-        return Sequence(prompt_ids, params, adapter, uid, info.rank, groups)
+            seq = Sequence(prompt_ids, params)
+        else:
+            uid = self.pool.use(adapter)  # NotFoundError for an unknown name
+            info = self.pool.info(adapter)
+            groups = frozenset(GROUP_OF[p][0] for p in info.target_modules)
+            seq = Sequence(prompt_ids, params, adapter, uid, info.rank, groups)
+        if params.min_tokens:
+            ending = set(params.stop_token_ids) | (set() if params.ignore_eos else self.eos_ids)
+            seq.ending_ids = tuple(sorted(t for t in ending if 0 <= t < vocab))
+        return seq
 
     def release(self, seq: Sequence) -> None:
         """The caller is done with a sequence (finished or never run): drop its adapter use."""

@@ -63,6 +63,12 @@ def sample(logits: torch.Tensor, seqs: list[Sequence]) -> tuple[list[int], list[
     log-probability per row; a faulted row gets FAULT_TOKEN and NaN, and its sequence's
     `fault` says why (the engine ends that sequence alone)."""
     logits = logits.float()
+    early = [row for row, seq in enumerate(seqs)
+             if seq.ending_ids and seq.num_completion_tokens < seq.params.min_tokens]
+    if early:  # min_tokens: those rows cannot end yet (their other tokens renormalize)
+        logits = logits.clone()
+        for row in early:
+            logits[row, list(seqs[row].ending_ids)] = float("-inf")
     logprobs = logits.log_softmax(-1)  # [batch, vocab]
     chosen = logits.argmax(-1)  # [batch]; greedy rows keep it
     finite = torch.isfinite(logits).all(-1).tolist()  # [batch]: the common case, checked once

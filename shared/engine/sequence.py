@@ -57,6 +57,9 @@ class Sequence:
         self.bypassed = 0
         self.error: BaseException | None = None  # why it failed (then finish_reason "error")
         self.fault: str | None = None  # set by the sampler: why its row could not be sampled
+        # the tokens that would end it (EOS, stop_token_ids): masked while it is shorter than
+        # params.min_tokens (set by the engine, which knows the EOS ids)
+        self.ending_ids: tuple[int, ...] = ()
 
     def __len__(self) -> int:
         return len(self.token_ids)

@@ -49,3 +49,28 @@ def test_stream_yields_each_point_when_its_line_completes() -> None:
     capped.feed("1. a b\n2. c d\n3. e f\n")
     assert capped.full and capped.close() == ["a b", "c d"]
     assert SketchStream(max_points=6).close() == []
+
+
+@pytest.mark.parametrize(("text", "expected"), [
+    # captured from the packaged 1.5B (comparison-03 and -05 of the quality bench, 2026-12-02):
+    # these sketches fell back to a full cloud answer before labeled lines were parsed
+    ("Advantages: Flexibility, reduced commute, better work-life balance\n"
+     "Disadvantages: Limited social interaction, potential isolation, lack of physical presence",
+     ["Flexibility (advantage)", "Reduced commute (advantage)",
+      "Better work-life balance (advantage)", "Limited social interaction (disadvantage)",
+      "Potential isolation (disadvantage)"]),
+    ("Pros: Portability, cost-effectiveness, accessibility\n"
+     "Cons: Limited physical interaction, may lack certain features",
+     ["Portability (pro)", "Cost-effectiveness (pro)", "Accessibility (pro)",
+      "Limited physical interaction (con)", "May lack certain features (con)"]),
+    ("**Benefits:** speed, safety and cost\n**Drawbacks:** noise", ["Speed (benefit)",
+     "Safety (benefit)", "Cost (benefit)"]),  # one item is no list: that line is skipped
+    # a sentence after a colon, and a heading before a numbered list, are not labeled items
+    ("Pros: Renting can be cheaper, saving money on property taxes and insurance. Cons: Renting "
+     "can be less convenient, as you have to pay rent.", []),
+    ("Here are the points: first, second\n1. Real point one\n2. Real point two",
+     ["Real point one", "Real point two"]),  # a four-word preamble is no label
+    ("1. Cost: cheap, fast\n2. Safety", ["Cost: cheap, fast", "Safety"]),  # numbered wins
+])
+def test_parse_sketch_labeled_lines(text: str, expected: list[str]) -> None:
+    assert parse_sketch(text, max_points=5, words_per_point=5) == expected

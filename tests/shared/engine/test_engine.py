@@ -168,3 +168,31 @@ def test_closing_a_stream_early_aborts_the_sequence(tiny_model_dir: Path) -> Non
     assert gen.engine.blocks.num_free == gen.engine.blocks.num_blocks  # its blocks came back
     assert seq.finish_reason == "abort"  # ended by the close, not by running to max_tokens
     assert seq.num_completion_tokens < budget
+
+
+def test_min_tokens_holds_back_ending_tokens(tiny_model_dir: Path, hf: HFGenerator) -> None:
+    """min_tokens (vLLM's): the tokens that would end a sequence cannot be chosen before it has
+    that many; the other rows of the batch are unchanged; transformers agrees."""
+    gen = engine(tiny_model_dir)
+    free = gen.generate(MIXED, SamplingParams(max_tokens=12, ignore_eos=True))
+    # each prompt's own first greedy token ends it at once: made a stop id
+    for prompt, out in zip(MIXED, free, strict=True):
+        first = out.token_ids[0]
+        stop = SamplingParams(max_tokens=12, stop_token_ids=(first,))
+        assert gen.generate([prompt], stop)[0].token_ids == [first]
+        held = SamplingParams(max_tokens=12, stop_token_ids=(first,), min_tokens=5)
+        ids = gen.generate([prompt], held)[0].token_ids
+        assert len(ids) >= 5 and first not in ids[:5]
+        assert ids == hf.generate([prompt], held)[0].token_ids
+    # ignore_eos with min_tokens: nothing to hold back, the same tokens
+    again = gen.generate(MIXED, SamplingParams(max_tokens=12, ignore_eos=True, min_tokens=3))
+    assert [o.token_ids for o in again] == [o.token_ids for o in free]
+
+
+def test_min_tokens_is_validated() -> None:
+    from pice.shared.errors import BadRequestError
+
+    with pytest.raises(BadRequestError, match="min_tokens"):
+        SamplingParams(max_tokens=4, min_tokens=5)
+    with pytest.raises(BadRequestError, match="min_tokens"):
+        SamplingParams(min_tokens=-1)
