@@ -14,7 +14,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field
 
 from pice.cloud.events import SectionEvent
-from pice.cloud.guard import GuardConfig, clean, finish, verdict
+from pice.cloud.guard import GuardConfig, clean, finish, off_point, verdict
 from pice.cloud.metrics import Metrics
 from pice.cloud.selection import CandidateScore, SelectionWeights, body, rank_key, select
 from pice.shared.embeddings import Embedder, get_embedder
@@ -174,7 +174,7 @@ class PointExpander:
         for r in ranked:
             score = by_candidate[(r.candidate, r.worker)]
             used, why = clean(r, point, others, stats.said)
-            if used is not None and why is None and score.drift > guard.max_drift:
+            if used is not None and why is None and off_point(score, guard):
                 used, why = None, "off point"
             if used is None:
                 assert why is not None
@@ -259,7 +259,7 @@ class PointExpander:
                                                self.embedder(), self.cfg.weights, others)
             ok = [(rank_key(sc, body(u, point)), u, sc) for u, sc in zip(usable, found,
                                                                           strict=True)
-                  if sc.drift <= self.cfg.guard.max_drift
+                  if not off_point(sc, self.cfg.guard)
                   and verdict(u, point, sc.score, self.cfg.guard) is None]
             if not ok:
                 continue

@@ -15,7 +15,7 @@ from collections.abc import Sequence
 from pydantic import BaseModel, ConfigDict, Field
 
 from pice.cloud.garbage import MIN_SECTION_WORDS, drop_said, problem, salvage, words
-from pice.cloud.selection import body
+from pice.cloud.selection import CandidateScore, body
 from pice.shared.protocol import ExpansionResult
 
 _SENTENCE_END = re.compile(r"""[.!?…](?:["')\]]*)\s*$""")
@@ -35,8 +35,27 @@ class GuardConfig(BaseModel):
     # a clean section under `threshold` that no edge retry beat: rewritten by the cloud
     # (True) or kept (False: a cloud pass costs 10-25 s of a 2-core machine)
     cloud_for_low_score: bool = False
-    # off point: the text is this much closer (MiniLM cosine) to another point than to its own
+    # off point: the text is this much closer (MiniLM cosine) to another point than to its own,
+    # and either far from the question (under `on_question`) or closer to the other point by
+    # `hard_drift` or more (see `off_point`)
     max_drift: float = Field(0.1, ge=0.0, le=2.0)
+    on_question: float = Field(0.4, ge=-1.0, le=1.0)
+    hard_drift: float = Field(0.25, ge=0.0, le=2.0)
+
+
+def off_point(score: CandidateScore, cfg: GuardConfig) -> bool:
+    """The text is about another point of the sketch, not its own. Closer to another point by
+    `max_drift` is not enough when the points overlap and the text is on the question: of the 37
+    clean sections of tests/cloud/data/real_expansions.json past max_drift, the ones on the
+    question (cosine >= 0.4: refrigerator insulation under "Insulation", a restaurant's
+    atmosphere under "Unique ambiance") explain their own point in words close to a neighbour's,
+    while the text copied from the worked example ("Get up at a fixed time" under "Use
+    productivity tools") or from another point ("Create a dedicated workspace" under "Stay
+    organized") is far from the question or far closer to the other point. "Off point" was the
+    reason of 5 of the 8 cloud repairs in 16 bench answers (2026-12-02), each 10-25 s."""
+    if score.drift <= cfg.max_drift:
+        return False
+    return score.on_question < cfg.on_question or score.drift >= cfg.hard_drift
 
 
 def cut_off(result: ExpansionResult, point: str) -> bool:

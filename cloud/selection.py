@@ -43,6 +43,7 @@ class CandidateScore:
     # much closer the text is to another point of the sketch than to its own (off-point text)
     score: float  # weighted mean of the signals present, scaled down for a very short text
     drift: float = 0.0  # how much closer the text is to another sketch point than to its own
+    on_question: float = 1.0  # cosine similarity of the text to the question
 
     def as_dict(self) -> dict[str, object]:
         return asdict(self)
@@ -69,7 +70,8 @@ def score_candidates(question: str, point: str, candidates: list[ExpansionResult
     cand = emb[2 + n_other:]  # [k, dim]
     sims = cand @ cand.T  # [k, k]
     own = cand @ emb[0]  # [k]
-    relevance = (own + cand @ emb[1]) / 2  # [k]
+    on_question = cand @ emb[1]  # [k]
+    relevance = (own + on_question) / 2  # [k]
     drift = np.zeros_like(own)  # [k]
     if n_other:
         closest_other = (cand @ emb[2:2 + n_other].T).max(axis=1)  # [k]
@@ -88,7 +90,8 @@ def score_candidates(question: str, point: str, candidates: list[ExpansionResult
         score = sum(wt * s for wt, s in signals) / total if total and text else 0.0
         score *= min(1.0, len(text.split()) / MIN_WORDS)  # a bare phrase explains nothing
         scores.append(CandidateScore(c.candidate, c.worker, c.model, c.adapter, confidence,
-                                     agreement, float(relevance[i]), score, float(drift[i])))
+                                     agreement, float(relevance[i]), score, float(drift[i]),
+                                     float(on_question[i])))
     return scores
 
 

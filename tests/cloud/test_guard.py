@@ -222,3 +222,34 @@ def test_garbage_is_retried_on_the_next_edge_source_before_the_cloud(retry_text:
         assert stats.repaired[0]["by"] == "edge-m1"
     else:
         assert final.text == "Stay organized." and stats.repaired[0]["by"] == "title"
+
+
+@pytest.mark.parametrize(("row", "off"), [
+    (207, True),  # "Get up at a fixed time" (the worked example) under "Use productivity tools"
+    (205, True),  # the same under "Set up a dedicated workspace"
+    (69, True),  # "Create a dedicated workspace …" under "Stay organized": another point's
+    (22, False),  # "Refrigerators use insulation to keep food cold …" under "Insulation"
+    (11, False),  # "Restaurants often have a welcoming atmosphere …" under "Unique ambiance"
+])
+def test_off_point_on_real_sections(row: int, off: bool) -> None:
+    """Real expansions (qwen 0.5B, tests/cloud/data/real_expansions.json) past max_drift: the two
+    on the question explain their own point in words near a neighbour's and stand; the copied
+    example and the other point's text are off point."""
+    import json
+
+    from pice.cloud.guard import off_point
+    from pice.cloud.selection import score_candidates
+    from pice.edge.expander import clean_expansion
+    from pice.shared.embeddings import get_embedder
+
+    data = json.loads((Path(__file__).parent / "data" / "real_expansions.json").read_text())
+    r = data["rows"][row]
+    point = r["sketch"][r["index"]]
+    res = result(clean_expansion(r["raw"], point)).model_copy(
+        update={"text": f"{point}: {clean_expansion(r['raw'], point)}"})
+    others = [p for i, p in enumerate(r["sketch"]) if i != r["index"]]
+    [score] = score_candidates(r["question"], point, [res], get_embedder(), None, others)
+    assert score.drift > CFG.max_drift  # every one of them leans toward another point
+    assert off_point(score, CFG) is off
+    assert off_point(score, CFG.model_copy(update={"on_question": -1.0,
+                                                   "hard_drift": 2.0})) is False
