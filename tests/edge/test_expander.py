@@ -23,9 +23,11 @@ class CountingGenerator(HFGenerator):
     """The real tiny model, counting how many generate calls (batches) it serves."""
 
     calls: list[int]
+    params: list[SamplingParams]
 
     def generate(self, prompts: list[str], params: SamplingParams) -> list[Completion]:
         self.calls.append(len(prompts))
+        self.params = [*getattr(self, "params", []), params]
         return super().generate(prompts, params)
 
 
@@ -34,6 +36,8 @@ def test_all_points_run_as_one_batch(tiny_model_dir) -> None:  # type: ignore[no
     gen.calls = []
     results = EdgeWorker("edge-0", gen).expand(tasks())
     assert gen.calls == [3]
+    # a section may not end before half its budget (min_tokens; capped at MIN_SECTION_TOKENS)
+    assert gen.params[0].min_tokens == 4 and gen.params[0].max_tokens == 8
     assert [r.index for r in results] == [0, 1, 2]
     for r, point in zip(results, SKETCH, strict=True):
         assert r.text.startswith(point)
