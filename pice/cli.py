@@ -225,7 +225,7 @@ def cmd_train_expander(args: argparse.Namespace) -> int:
               "rank": args.rank, "lr": args.lr, "batch_size": args.batch_size,
               "batch_questions": args.batch_questions, "last_layers": args.last_layers,
               "max_seq_len": args.max_seq_len, "checkpoint_every": args.checkpoint_every,
-              "resume": args.resume, "threads": args.threads}
+              "resume": args.resume, "threads": args.threads, "point_tokens": args.point_tokens}
     cfg = DistillConfig(**{k: v for k, v in fields.items() if v is not None})
     print(json.dumps(train_expander(cfg, args.stage), indent=2))
     return 0
@@ -413,6 +413,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--lr", type=float)
     t.add_argument("--batch-size", type=int)
     t.add_argument("--batch-questions", type=int, help="questions per teacher batch")
+    t.add_argument("--point-tokens", type=int,
+                   help="teacher tokens per expansion (default 48; a cut-off one is dropped)")
     t.add_argument("--last-layers", type=int, help="LoRA on the last N layers only (0 → all)")
     t.add_argument("--max-seq-len", type=int)
     t.add_argument("--checkpoint-every", type=int)
