@@ -134,8 +134,8 @@ class EdgeWorker:
         prompts = [self.generator.render_chat(expansion_messages(t, few_shot), assistant_prefix(t))
                    for t in tasks]
         first = tasks[0]
-        budget = max(t.max_tokens for t in tasks)
-        params = SamplingParams(max_tokens=budget, temperature=first.temperature,
+        params = SamplingParams(max_tokens=max(t.max_tokens for t in tasks),
+                                temperature=first.temperature,
                                 seed=first.seed, stop=STOPS,
                                 min_tokens=min(MIN_SECTION_TOKENS,
                                                min(t.max_tokens for t in tasks) // 2))

@@ -63,6 +63,9 @@ def sample(logits: torch.Tensor, seqs: list[Sequence]) -> tuple[list[int], list[
     log-probability per row; a faulted row gets FAULT_TOKEN and NaN, and its sequence's
     `fault` says why (the engine ends that sequence alone)."""
     logits = logits.float()
+    # the model's own rows, checked once before min_tokens adds its -inf on purpose (a masked
+    # row would otherwise take row_fault's three full-vocabulary passes every step)
+    finite = torch.isfinite(logits).all(-1).tolist()  # [batch]
     early = [row for row, seq in enumerate(seqs)
              if seq.ending_ids and seq.num_completion_tokens < seq.params.min_tokens]
     if early:  # min_tokens: those rows cannot end yet (their other tokens renormalize)
@@ -71,7 +74,6 @@ def sample(logits: torch.Tensor, seqs: list[Sequence]) -> tuple[list[int], list[
             logits[row, list(seqs[row].ending_ids)] = float("-inf")
     logprobs = logits.log_softmax(-1)  # [batch, vocab]
     chosen = logits.argmax(-1)  # [batch]; greedy rows keep it
-    finite = torch.isfinite(logits).all(-1).tolist()  # [batch]: the common case, checked once
     faulted: set[int] = set()
     for row, seq in enumerate(seqs):
         reason = None if finite[row] else row_fault(logits[row])
