@@ -117,7 +117,10 @@ class Row:
 def _settings(cfg: QualityConfig) -> ServeSettings:
     fields: dict[str, Any] = {"cache_dir": cfg.cache_dir, "threads": cfg.threads, "port": 0,
                               "default_max_tokens": cfg.max_tokens, "backend": cfg.backend,
-                              "default_max_points": cfg.max_points}
+                              "default_max_points": cfg.max_points,
+                              # a given adapter replaces the shipped one (registered under the
+                              # same name in _answers), so the shipped one is not loaded at all
+                              "expander_adapter": cfg.adapter is None}
     if cfg.cloud_model is not None:
         fields["cloud_model"] = cfg.cloud_model
     if cfg.edge_models is not None:

@@ -111,14 +111,16 @@ class Driver:
         fwd, ids = [], []
         for s in chosen:
             p = s.params
+            # min_tokens: this step's token may not end the sequence (the last stage masks EOS)
+            hold = not p.ignore_eos and len(s.tokens) - s.num_prompt < p.min_tokens
             if s.cached == 0:
                 fwd.append(Fwd(s.seq_id, 0, len(s.tokens), True, p.top_k, p.temperature, p.top_p,
-                               p.seed))
+                               p.seed, hold))
                 ids.extend(s.tokens)
                 if s.replays:
                     self.stats["replayed_tokens"] += len(s.tokens)
             else:
-                fwd.append(Fwd(s.seq_id, s.cached, 1))
+                fwd.append(Fwd(s.seq_id, s.cached, 1, hold_end=hold))
                 ids.append(s.tokens[-1])
         self.stats["steps"] += 1
         return fwd, ids

@@ -37,8 +37,9 @@ class GroupGenerator(ChatBackedGenerator):
             raise GroupUnavailableError("the group's stage is not running")
         ids = self.chat.encode(prompt)
         self.chat.check_fits(len(ids), params.max_tokens)
-        # min_tokens is a length hint (the expander's): the last stage samples from the group
-        # wire's per-row fields, which do not carry it, so a group may end a section sooner
+        # min_tokens holds back EOS: the first stage flags each record still under it and the
+        # last stage masks its EOS ids for those; stop_token_ids are not carried to the last
+        # stage, so one of them still ends a sequence early
         on_done = (lambda _s: done.put(i)) if done is not None else None
         try:
             return self.node.submit(ids, params, on_done)

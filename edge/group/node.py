@@ -244,7 +244,7 @@ class StageNode(Links):
     def _pass_on(self, fwd: list[wire.Fwd], hidden: torch.Tensor, t0: float) -> None:
         assert self.part is not None and self.cfg is not None
         if self.cfg.last:
-            results = self.part.sample(fwd, hidden)
+            results = self.part.sample(fwd, hidden, tuple(sorted(self.eos_ids)))
             self.busy_s += time.perf_counter() - t0
             if self.cfg.first:  # one stage: the driver is here
                 assert self.driver is not None

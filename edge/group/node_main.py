@@ -3,7 +3,7 @@
 
     {"configure": {StageConfig fields}}   -> {"event": "ready" | "failed", "epoch": N, "error"}
     {"generate": {"id": str, "prompt_ids": [...], "max_tokens": n, "temperature": t,
-                  "top_p": p, "top_k": k, "seed": s, "ignore_eos": b}}
+                  "top_p": p, "top_k": k, "seed": s, "ignore_eos": b, "min_tokens": m}}
                                           -> {"event": "done", "id": ..., "tokens": [...],
                                               "logprobs": [...], "finish_reason": ...,
                                               "error": ..., "replays": n}
@@ -102,7 +102,8 @@ def main(argv: list[str] | None = None) -> int:
                                     temperature=g.get("temperature", 0.0),
                                     top_p=g.get("top_p", 1.0), top_k=g.get("top_k", 0),
                                     seed=g.get("seed"),
-                                    ignore_eos=g.get("ignore_eos", False))
+                                    ignore_eos=g.get("ignore_eos", False),
+                                    min_tokens=g.get("min_tokens", 0))
             node.submit(list(g["prompt_ids"]), params, done(str(g["id"])))
         elif "stats" in msg:
             emit(stats(node))

@@ -193,13 +193,17 @@ class StagePart:
         return x
 
     @torch.inference_mode()
-    def sample(self, fwd: list[Fwd], hidden: torch.Tensor) -> list[tuple[int, int, float]]:
-        """Last stage: (seq_id, token, logprob) from each sequence's last position."""
+    def sample(self, fwd: list[Fwd], hidden: torch.Tensor,
+               end_ids: tuple[int, ...] = ()) -> list[tuple[int, int, float]]:
+        """Last stage: (seq_id, token, logprob) from each sequence's last position. `end_ids`
+        (the model's EOS ids) cannot be sampled for a record that holds the end."""
         last = torch.tensor([f.q_len for f in fwd]).cumsum(0) - 1  # [batch]
         h = self.trunk.norm(hidden[last])  # [batch, width]
         logits = self.model.compute_logits(h).float()  # [batch, vocab]
         seqs = [self.kv.seqs[f.seq_id] for f in fwd]
-        ids, lps = sample(logits, seqs)
+        vocab = logits.shape[-1]
+        ends = tuple(t for t in end_ids if 0 <= t < vocab)
+        ids, lps = sample(logits, seqs, [ends if f.hold_end else () for f in fwd])
         return [(f.seq_id, t, lp) for f, t, lp in zip(fwd, ids, lps, strict=True)]
 
 

@@ -15,7 +15,9 @@ then n_seqs records of the kind's layout, then n_tokens × width elements of dty
 
     FORWARD (1) record "<QIIHIddq" (46 bytes): seq_id, start (tokens whose K/V every later stage
         already holds), q_len (new tokens in this frame), flags (bit 0: new sequence, drop any
-        K/V held for seq_id), top_k, temperature, top_p (float64: exactly the request's values,
+        K/V held for seq_id; bit 1: hold the end, the sequence is under its min_tokens so the
+        last stage may not sample an end-of-sequence id), top_k, temperature, top_p (float64:
+        exactly the request's values,
         as the last stage samples with them), seed (-1: none). The hidden states of
         all sequences' new tokens follow, concatenated in record order: [n_tokens, width].
     RESULT (2)  record "<QIf" (16 bytes): seq_id, sampled token, its log-probability.
@@ -51,6 +53,7 @@ MAX_WIDTH = 1 << 16
 MAX_PAYLOAD = 1 << 30
 MAX_TOKEN_BYTES = 256
 NEW_SEQ = 1  # FORWARD flags bit 0
+HOLD_END = 2  # FORWARD flags bit 1
 
 
 @dataclass(frozen=True)
@@ -65,6 +68,7 @@ class Fwd:
     temperature: float = 0.0
     top_p: float = 1.0
     seed: int | None = None
+    hold_end: bool = False  # under min_tokens: the last stage masks its end-of-sequence ids
 
 
 @dataclass(frozen=True)
@@ -83,8 +87,9 @@ def encode(frame: Frame) -> bytes:
         n, width = h.shape
         assert n == sum(f.q_len for f in frame.fwd), (n, frame.fwd)
         rec = RECORDS[FORWARD]
-        body = b"".join(rec.pack(f.seq_id, f.start, f.q_len, NEW_SEQ if f.new else 0, f.top_k,
-                                 f.temperature, f.top_p, -1 if f.seed is None else f.seed)
+        body = b"".join(rec.pack(f.seq_id, f.start, f.q_len,
+                                 (NEW_SEQ if f.new else 0) | (HOLD_END if f.hold_end else 0),
+                                 f.top_k, f.temperature, f.top_p, -1 if f.seed is None else f.seed)
                         for f in frame.fwd)
         payload = h.view(torch.uint8).numpy().tobytes()
         return HEADER.pack(MAGIC_FRAME, VERSION, FORWARD, CODES[h.dtype], 0, len(frame.fwd),
@@ -131,7 +136,7 @@ def read_frame(sock: socket.socket, width: int | None = None) -> Frame:
     if width is not None and w != width:
         raise WireFormatError(f"width {w} does not match the model's hidden size {width}")
     fwd = tuple(Fwd(s, start, q, bool(flags & NEW_SEQ), top_k, temp, top_p,
-                    None if seed < 0 else seed)
+                    None if seed < 0 else seed, bool(flags & HOLD_END))
                 for s, start, q, flags, top_k, temp, top_p, seed in rows)
     if sum(f.q_len for f in fwd) != n_tokens:
         raise WireFormatError(f"n_tokens {n_tokens} != the records' q_len sum")

@@ -58,20 +58,28 @@ def _choose(logits: torch.Tensor, p: SamplingParams,
     return int(torch.multinomial(probs, 1, generator=generator).item())
 
 
-def sample(logits: torch.Tensor, seqs: list[Sequence]) -> tuple[list[int], list[float]]:
-    """logits: [batch, vocab] float32, one row per sequence. Returns the chosen token and its
+def held_back(seq: Sequence) -> tuple[int, ...]:
+    """The tokens `seq` may not choose now: its ending ones while it is under min_tokens."""
+    return seq.ending_ids if seq.num_completion_tokens < seq.params.min_tokens else ()
+
+
+def sample(logits: torch.Tensor, seqs: list[Sequence],
+           held: list[tuple[int, ...]] | None = None) -> tuple[list[int], list[float]]:
+    """logits: [batch, vocab] float32, one row per sequence. `held`: per row, tokens that cannot
+    be chosen at this step (default: `held_back` of each sequence; an edge group's last stage
+    passes its own, as its sequences hold no token history). Returns the chosen token and its
     log-probability per row; a faulted row gets FAULT_TOKEN and NaN, and its sequence's
     `fault` says why (the engine ends that sequence alone)."""
     logits = logits.float()
     # the model's own rows, checked once before min_tokens adds its -inf on purpose (a masked
     # row would otherwise take row_fault's three full-vocabulary passes every step)
     finite = torch.isfinite(logits).all(-1).tolist()  # [batch]
-    early = [row for row, seq in enumerate(seqs)
-             if seq.ending_ids and seq.num_completion_tokens < seq.params.min_tokens]
-    if early:  # min_tokens: those rows cannot end yet (their other tokens renormalize)
+    held = [held_back(s) for s in seqs] if held is None else held
+    if any(held):  # min_tokens: those rows cannot end yet (their other tokens renormalize)
         logits = logits.clone()
-        for row in early:
-            logits[row, list(seqs[row].ending_ids)] = float("-inf")
+        for row, masked in enumerate(held):
+            if masked:
+                logits[row, list(masked)] = float("-inf")
     logprobs = logits.log_softmax(-1)  # [batch, vocab]
     chosen = logits.argmax(-1)  # [batch]; greedy rows keep it
     faulted: set[int] = set()

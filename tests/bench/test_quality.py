@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from pice.bench.quality import QualityConfig, run_quality
+from pice.bench.quality import QualityConfig, _settings, run_quality
 from tests.conftest import SKETCH_QUESTIONS
 from tests.factories import peft_adapter, tiny_qwen2
 
@@ -90,3 +90,10 @@ def test_one_at_a_time_alternates_the_phases(sketch_model_dir: Path, tiny_model_
         cloud_first = cached["cloud"][i]["finished_at"] < cached["progressive"][i]["finished_at"]
         assert cloud_first == (j % 2 == 0), i
     assert result["timing"]["cloud"]["questions"] == len(ids)
+
+
+def test_a_given_adapter_replaces_the_shipped_one(tmp_path: Path) -> None:
+    """`--adapter` registers its adapter under the shipped one's name, so the server must not
+    load the shipped one first (it did: "adapter 'pice-expander' already exists")."""
+    assert _settings(QualityConfig(out_dir=tmp_path)).expander_adapter
+    assert not _settings(QualityConfig(out_dir=tmp_path, adapter=tmp_path)).expander_adapter

@@ -72,3 +72,31 @@ def test_seeded_sampling_matches_single_process(stages: list[StageProc],
     stages[0].generate(batch, MAX_TOKENS, temperature=0.9, top_p=0.95, seed=5)
     got = stages[0].results(len(batch))
     assert [got[str(i)]["tokens"] for i in range(len(batch))] == want
+
+
+def test_min_tokens_holds_back_eos_as_the_engine_does(models: dict[str, Path],
+                                                      tmp_path: Path) -> None:
+    """min_tokens over a group: the first stage flags the records under it and the last stage
+    masks EOS for them, so the tokens equal the single-process engine's with the same EOS."""
+    batch = prompts(4, seed=3)
+    free = engine_tokens(models["qwen2"], batch, MAX_TOKENS)
+    eos = next(t for t in free[0][1:] if t != free[0][0])  # an early greedy token, made EOS
+    eng = LLMEngine(EngineConfig(model=str(models["qwen2"]), max_model_len=512,
+                                 max_num_batched_tokens=512, num_blocks=128, block_size=4),
+                    {eos}, lambda ids: "")
+    held = SamplingParams(max_tokens=MAX_TOKENS, min_tokens=6)
+    want = [s.completion_ids for s in eng.generate_ids(batch, held)]
+    early = [s.completion_ids for s in eng.generate_ids(batch, SamplingParams(
+        max_tokens=MAX_TOKENS))]
+    assert len(early[0]) < 6 <= len(want[0])  # min_tokens changes this reference
+    procs = [StageProc(tmp_path, f"m{i}", extra=("--eos", str(eos))) for i in range(2)]
+    try:
+        configure(procs, models["qwen2"], SPLITS[2], next(EPOCH))
+        for i, p in enumerate(batch):
+            procs[0].send({"generate": {"id": str(i), "prompt_ids": p, "max_tokens": MAX_TOKENS,
+                                        "min_tokens": 6}})
+        got = procs[0].results(len(batch))
+    finally:
+        for p in procs:
+            p.kill()
+    assert [got[str(i)]["tokens"] for i in range(len(batch))] == want

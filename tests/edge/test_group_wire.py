@@ -25,8 +25,9 @@ def roundtrip(data: bytes, width: int | None = None) -> wire.Frame:
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 def test_forward_frame_roundtrips_exactly(dtype: torch.dtype) -> None:
-    fwd = (wire.Fwd(7, 0, 3, True, 100_000, 0.7, 0.9, 123), wire.Fwd(2**40, 17, 1))
-    hidden = torch.randn(4, 64).to(dtype)  # [n_tokens, width]
+    fwd = (wire.Fwd(7, 0, 3, True, 100_000, 0.7, 0.9, 123, hold_end=True),
+           wire.Fwd(2**40, 17, 1), wire.Fwd(3, 5, 1, hold_end=True))
+    hidden = torch.randn(5, 64).to(dtype)  # [n_tokens, width]
     got = roundtrip(wire.encode(wire.Frame(wire.FORWARD, fwd=fwd, hidden=hidden)), 64)
     assert got.fwd == fwd
     assert got.hidden is not None and got.hidden.dtype == dtype
