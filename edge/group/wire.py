@@ -17,9 +17,9 @@ then n_seqs records of the kind's layout, then n_tokens × width elements of dty
         already holds), q_len (new tokens in this frame), flags (bit 0: new sequence, drop any
         K/V held for seq_id; bit 1: hold the end, the sequence is under its min_tokens so the
         last stage may not sample an end-of-sequence id), top_k, temperature, top_p (float64:
-        exactly the request's values,
-        as the last stage samples with them), seed (-1: none). The hidden states of
-        all sequences' new tokens follow, concatenated in record order: [n_tokens, width].
+        exactly the request's values, as the last stage samples with them), seed (-1: none).
+        The hidden states of all sequences' new tokens follow, concatenated in record order:
+        [n_tokens, width].
     RESULT (2)  record "<QIf" (16 bytes): seq_id, sampled token, its log-probability.
     END (3)     record "<Q" (8 bytes): seq_id, finished: free its K/V (passed along the ring).
 
