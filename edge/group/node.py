@@ -36,6 +36,7 @@ class StageNode(Links):
         self.addr = f"{host}:{self.listener.getsockname()[1]}"
         self.cpu_kernels = cpu_kernels
         self.eos_ids, self.decode = eos_ids or set(), decode
+        self.end_ids = tuple(sorted(self.eos_ids))  # masked on the last stage under min_tokens
         self.events: queue.Queue[tuple[Any, ...]] = queue.Queue()
         self.latest: StageConfig | None = None  # newest plan received (the accept side checks it)
         self.cfg: StageConfig | None = None  # plan in force in the compute thread
@@ -244,7 +245,7 @@ class StageNode(Links):
     def _pass_on(self, fwd: list[wire.Fwd], hidden: torch.Tensor, t0: float) -> None:
         assert self.part is not None and self.cfg is not None
         if self.cfg.last:
-            results = self.part.sample(fwd, hidden, tuple(sorted(self.eos_ids)))
+            results = self.part.sample(fwd, hidden, self.end_ids)
             self.busy_s += time.perf_counter() - t0
             if self.cfg.first:  # one stage: the driver is here
                 assert self.driver is not None
